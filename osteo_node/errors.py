@@ -1,0 +1,25 @@
+"""The node's exception hierarchy. Each docstring says what went wrong and how to fix it."""
+
+
+class OsteoNodeError(Exception):
+    """Base class for every error the node raises on purpose."""
+
+
+class ConfigError(OsteoNodeError):
+    """The configuration file is invalid: the message names the key, the value and what is allowed."""
+
+
+class BundleError(OsteoNodeError):
+    """A model bundle is missing, incomplete or altered: re-export it or point `model.bundle` elsewhere."""
+
+
+class ImageError(OsteoNodeError):
+    """A stored image cannot be decoded or prepared (e.g. no pixel data, unsupported encoding)."""
+
+
+class SendError(OsteoNodeError):
+    """A destination refused or did not answer a C-STORE; the queue retries it later."""
+
+
+class StoreError(OsteoNodeError):
+    """The file store could not persist or read an object (disk full, permissions, bad path)."""
