@@ -23,3 +23,10 @@ class SendError(OsteoNodeError):
 
 class StoreError(OsteoNodeError):
     """The file store could not persist or read an object (disk full, permissions, bad path)."""
+
+
+class JobError(OsteoNodeError):
+    """A job cannot succeed however often it is retried (its file, result or destination is gone).
+
+    The job is dead-lettered with this message; fix the cause, then `osteo-node jobs retry ID`.
+    """

@@ -1,0 +1,106 @@
+"""Assembles the node's parts from the settings: database, queue, store, model, receiver, worker.
+
+`serve` runs receiver + worker + scheduler in one process (the embedded default); `receive` and
+`work` run the parts separately (what the systemd units start). All stop cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from types import FrameType
+
+from sqlalchemy.engine import Engine
+
+from . import migrate
+from .bundle import load_bundle
+from .config import Settings
+from .db import make_engine
+from .housekeeping import start_scheduler
+from .infer import Inference
+from .queue import Queue
+from .receive import ReceiveLimits, start_receiver
+from .store import FileStore
+from .work import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    settings: Settings
+    engine: Engine
+    queue: Queue
+    store: FileStore
+
+
+def open_runtime(settings: Settings, *, create_schema: bool = True) -> Runtime:
+    """Connect to the database (creating the schema on an empty one) and open the file store."""
+    engine = make_engine(settings.database_url)
+    if create_schema and migrate.is_empty(engine):
+        log.info("empty database: applying migrations")
+        migrate.upgrade(engine)
+    store = FileStore(settings.node.data_dir / "store")
+    return Runtime(settings, engine, Queue(engine), store)
+
+
+def load_inference(settings: Settings) -> Inference:
+    """Load the configured bundle once; raises BundleError when it is missing or altered."""
+    import torch
+
+    if settings.model.torch_threads:
+        torch.set_num_threads(settings.model.torch_threads)
+    device = settings.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    bundle = load_bundle(settings.model.bundle, device=device)
+    log.info("model %s %s (Device UID %s) on %s", bundle.identity.name, bundle.identity.version,
+             bundle.identity.device_uid, device)
+    return Inference(bundle, cam_method=settings.model.cam_method)
+
+
+def receive_limits(settings: Settings) -> ReceiveLimits:
+    return ReceiveLimits(
+        min_free_bytes=settings.storage.min_free_disk_mb << 20,
+        max_instance_bytes=settings.dicom.max_instance_mb << 20,
+    )
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (graceful shutdown)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
+    """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
+    runtime = open_runtime(settings)
+    inference = load_inference(settings) if work else None
+    server = scheduler = None
+    if receive:
+        server = start_receiver(settings.dicom, runtime.queue, runtime.store,
+                                settings.eligibility.rules(), receive_limits(settings))
+    if work:
+        scheduler = start_scheduler(runtime.engine, runtime.store, runtime.queue,
+                                    settings.storage.retention_days)
+    try:
+        if work:
+            Worker(settings, runtime.queue, runtime.store, inference).run(stop)
+        else:
+            stop.wait()
+    finally:
+        if server is not None:
+            server.shutdown()
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        runtime.engine.dispose()
+        log.info("stopped")

@@ -1,0 +1,81 @@
+"""The sender: C-STORE SCU (and C-ECHO) to the configured destinations.
+
+pynetdicom never transcodes, so each object is offered in its own transfer syntax plus explicit
+and implicit VR little endian. Every returned status is checked: an empty status (association
+aborted, or a peer that answers without a Status) is a failure like any non-success code.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from .config import Destination
+from .errors import SendError
+
+log = logging.getLogger(__name__)
+
+SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB007, 0xB006}
+
+
+def _ae(calling_ae: str, timeout_s: float) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    return ae
+
+
+def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> None:
+    """C-ECHO `destination`; raises SendError saying why when it does not answer success."""
+    ae = _ae(calling_ae, timeout_s)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise SendError(
+            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
+            f"{destination.port}): association rejected or no answer"
+        )
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0x0000:
+        raise SendError(f"destination {destination.name!r}: C-ECHO failed (status {status!r})")
+
+
+def send_files(
+    destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 60.0
+) -> None:
+    """C-STORE every file at `paths` to `destination` over one association, or raise SendError."""
+    headers = [dcmread(p, stop_before_pixels=True) for p in paths]
+    ae = _ae(calling_ae, timeout_s)
+    for header in headers:
+        syntaxes = list(dict.fromkeys(
+            [header.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        ))
+        ae.add_requested_context(header.SOPClassUID, syntaxes)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        raise SendError(
+            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
+            f"{destination.port}): association rejected or no answer"
+        )
+    try:
+        for path, header in zip(paths, headers):
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code not in SUCCESS_OR_WARNING:
+                raise SendError(
+                    f"destination {destination.name!r}: C-STORE of {header.SOPInstanceUID} "
+                    f"answered {'no status' if code is None else f'0x{code:04X}'}"
+                )
+            log.info("sent %s to %s", header.SOPInstanceUID, destination.name)
+    finally:
+        if assoc.is_established:
+            assoc.release()

@@ -1,0 +1,55 @@
+"""Configuration: the example works as-is; bad values are refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from osteo_node.config import load_settings, parse_settings
+from osteo_node.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_is_valid_and_resolves_paths() -> None:
+    settings = load_settings(ROOT / "config.example.toml")
+    assert settings.dicom.ae_title == "OSTEO_NODE" and settings.dicom.port == 11112
+    assert settings.model.bundle == "reference"
+    (pacs,) = settings.destinations
+    assert (pacs.ae_title, pacs.host, pacs.port) == ("ORTHANC", "127.0.0.1", 4242)
+    assert settings.node.data_dir == ROOT / "var"
+    assert settings.database_url == f"sqlite:///{ROOT / 'var' / 'osteo-node.sqlite3'}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"model": {"device": "tpu"}}, "model.device: Input should be 'cpu', 'cuda' or 'auto' (got 'tpu')"),
+        ({"dicom": {"port": 70000}}, "dicom.port"),
+        ({"dicom": {"ae_title": "A" * 17}}, "dicom.ae_title"),
+        ({"dicom": {"allowed_calling_aes": ["OK", "BAD\\AE"]}}, "dicom.allowed_calling_aes.1"),
+        ({"dicom": {"prot": 1}}, "dicom.prot: unknown key"),
+        ({"worker": {"retry_base_s": 100, "retry_max_s": 10}}, "retry_max_s (10.0) must be >= retry_base_s"),
+        ({"eligibility": {"views": ["LL"]}}, "eligibility.views.0: Input should be 'PA' or 'AP'"),
+        ({"destinations": [{"name": "a", "ae_title": "X", "host": "h", "port": 1}] * 2}, "repeated: ['a']"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings(raw, Path("/tmp"))
+    assert expected in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dicom\nport = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+
+
+def test_redacted_hides_database_password(tmp_path: Path) -> None:
+    settings = parse_settings({"database": {"url": "postgresql://osteo:s3cret@db/osteo"}}, tmp_path)
+    assert "s3cret" not in str(settings.redacted())
