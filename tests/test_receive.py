@@ -1,0 +1,131 @@
+"""The receiver over real loopback sockets with DCMTK storescu/echoscu as the modality."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from conftest import free_port
+from dicom_tools import echoscu, storescu, synthetic_dx
+from osteo_node import migrate
+from osteo_node.config import DicomSettings
+from osteo_node.db import Instance, Job, make_engine
+from osteo_node.eligibility import EligibilityRules
+from osteo_node.queue import Queue
+from osteo_node.receive import ReceiveLimits, start_receiver
+from osteo_node.store import FileStore
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Node:
+    port: int
+    queue: Queue
+    store: FileStore
+
+    def instances(self) -> dict[str, Instance]:
+        with Session(self.queue.engine) as session:
+            return {i.sop_instance_uid: i for i in session.scalars(select(Instance))}
+
+    def job_count(self) -> int:
+        with Session(self.queue.engine) as session:
+            return len(session.scalars(select(Job)).all())
+
+
+def start(database_url: str, tmp_path: Path, **dicom: object) -> Iterator[Node]:
+    engine = make_engine(database_url)
+    migrate.upgrade(engine)
+    port = free_port()
+    settings = DicomSettings(port=port, **dicom)
+    queue, store = Queue(engine), FileStore(tmp_path / "store")
+    limits = ReceiveLimits(min_free_bytes=0)
+    server = start_receiver(settings, queue, store, EligibilityRules(), limits)
+    try:
+        yield Node(port, queue, store)
+    finally:
+        server.shutdown()
+        engine.dispose()
+
+
+@pytest.fixture
+def node(database_url: str, tmp_path: Path) -> Iterator[Node]:
+    yield from start(database_url, tmp_path)
+
+
+def test_real_files_stored_durably_with_eligibility(node: Node, tmp_path: Path) -> None:
+    chest = get_testdata_file("RG1_UNCR.dcm")
+    chest_j2k = get_testdata_file("RG1_J2KR.dcm")
+    tibia = get_testdata_file("RG3_UNCR.dcm")
+    man = synthetic_dx(tmp_path / "man.dcm", sex="M")
+    assert storescu(node.port, Path(chest), Path(tibia), man) == ["Success"] * 3
+    assert storescu(node.port, Path(chest_j2k), extra=("-xv",)) == ["Success"]
+    found = node.instances()
+    uids = {name: dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            for name, p in [("chest", chest), ("j2k", chest_j2k), ("tibia", tibia), ("man", man)]}
+    assert found[uids["chest"]].eligible and found[uids["j2k"]].eligible
+    assert found[uids["tibia"]].reason == "body part EXTREMITY not in ['CHEST']"
+    assert found[uids["man"]].reason == "patient sex M not in ['F']"
+    stored = node.store.absolute(found[uids["j2k"]].path)
+    assert dcmread(stored).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.90"
+    assert dcmread(node.store.absolute(found[uids["chest"]].path)).pixel_array.shape == (1955, 1841)
+    assert found[uids["tibia"]].path == ""  # ineligible bytes are not kept
+    assert node.job_count() == 2
+
+
+def test_duplicate_instance_creates_no_second_job(node: Node) -> None:
+    chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+    assert storescu(node.port, chest) == ["Success"]
+    assert storescu(node.port, chest) == ["Success"]
+    assert node.job_count() == 1 and len(node.instances()) == 1
+
+
+def _send_raw(port: int, path: Path, sop_class: str) -> int | None:
+    ae = AE(ae_title="RAWSCU")
+    ae.add_requested_context(sop_class)
+    assoc = ae.associate("127.0.0.1", port, ae_title="OSTEO_NODE")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)  # a path is sent as raw bytes, never decoded
+        return getattr(status, "Status", None)
+    finally:
+        assoc.release()
+
+
+def test_malformed_input_fails_and_node_keeps_answering(node: Node, tmp_path: Path) -> None:
+    source = get_testdata_file("RG1_UNCR.dcm")
+    data = Path(source).read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 2])
+    status = _send_raw(node.port, truncated, "1.2.840.10008.5.1.4.1.1.1")
+    assert status is not None and status != 0x0000
+    no_pixels = dcmread(source)
+    del no_pixels.PixelData
+    no_pixels.SOPInstanceUID = no_pixels.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    no_pixels.save_as(tmp_path / "nopix.dcm")
+    assert storescu(node.port, tmp_path / "nopix.dcm")[0].startswith("Error")
+    ct = dcmread(source)
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ct.save_as(tmp_path / "ct.dcm")
+    refused = storescu(node.port, tmp_path / "ct.dcm")
+    assert "Success" not in refused  # no presentation context for CT: nothing stored
+    assert node.job_count() == 0 and node.instances() == {}
+    assert echoscu(node.port)
+    assert storescu(node.port, Path(source)) == ["Success"]
+
+
+def test_calling_ae_allow_list(database_url: str, tmp_path: Path) -> None:
+    for node in start(database_url, tmp_path, allowed_calling_aes=("MODALITY1",)):
+        assert not echoscu(node.port, calling="INTRUDER")
+        assert echoscu(node.port, calling="MODALITY1")
+        assert storescu(node.port, Path(get_testdata_file("RG1_UNCR.dcm")), calling="INTRUDER") != ["Success"]
+        assert not echoscu(node.port, called="WRONG_AE", calling="MODALITY1")
+        assert node.instances() == {}
