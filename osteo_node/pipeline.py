@@ -42,7 +42,7 @@ def screen(path: Path, inference: Inference, display_max: int) -> Screening:
     source = dcmread(path)
     image = pixels.decode(source)
     lap("decode")
-    spec = inference.spec
+    spec = inference.bundle.spec
     prepared = pixels.prepare(image, spec.input_size, spec.mean, spec.std, display_max=display_max)
     lap("preprocess")
     prediction, heatmap = inference.run(prepared)

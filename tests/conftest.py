@@ -78,3 +78,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'node.sqlite3'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(scope="session")
+def e2e_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The bundle the end-to-end tests serve: the shipped reference when present, else a tiny one."""
+    from osteo_node.bundle import BUNDLES_DIR
+
+    if (BUNDLES_DIR / "reference" / "bundle.json").is_file():
+        return "reference"
+    from osteo_node.bundle import export_bundle
+    from osteo_node.model import build_classifier
+    from tinymodels import save_tiny_backbone, tiny_spec
+
+    folder = tmp_path_factory.mktemp("bundle")
+    spec = tiny_spec("dinov2", save_tiny_backbone("dinov2", folder / "backbone"), "lora")
+    out = export_bundle(build_classifier(spec), spec, folder / "tiny", name="tiny-e2e", version="0.0.1",
+                        thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="tests only",
+                        clinical_use=False, data_summary="none: random weights")
+    return str(out)

@@ -87,3 +87,10 @@ def synthetic_dx(path: Path, *, sex: str = "M", age: int = 67, view: str = "PA",
     ds.PixelData = np.clip(image, 0, 4095).astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dicom3tools' dciodvfy reports for the object at `path` (IOD validation)."""
+    tool = require_tool("dciodvfy")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in result.stderr.splitlines() if "Error" in line]

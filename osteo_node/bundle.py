@@ -1,0 +1,253 @@
+"""Model bundles: a folder the node loads a classifier from, verified file by file.
+
+Layout::
+
+    bundle.json          manifest (below), with the sha256 of every other file
+    backbone/            transformers save_pretrained of the backbone (config + safetensors)
+    adapter/             peft save_pretrained of the LoRA adapters (method "lora" only)
+    head.safetensors     the classification head
+    MODEL_CARD.md        optional
+
+Manifest keys: format, name, version, device_uid (a new DICOM UID at every export: it changes
+whenever the weights change), created (UTC ISO 8601), backbone (family), spec (ModelSpec fields;
+spec.source is "backbone/" when the backbone is inside the bundle, otherwise a hub id or path),
+input_size, mean, std, class_names, thresholds, intended_use, clinical_use, manufacturer,
+data_summary, software_version, files ({relative path: sha256}).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from osteo_node import __version__
+from osteo_node.errors import BundleError
+from osteo_node.model import Classifier, ModelSpec, build_classifier
+from osteo_node.records import CLASS_NAMES, ModelIdentity
+from osteo_node.uids import new_uid
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "bundle.json"
+FORMAT = "osteo-node-bundle/1"
+BACKBONE_DIR = "backbone"
+ADAPTER_DIR = "adapter"
+HEAD_FILE = "head.safetensors"
+CARD_FILE = "MODEL_CARD.md"
+
+#: Where the shipped bundles live; `load_bundle("reference")` reads BUNDLES_DIR / "reference".
+BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+
+#: How to produce the reference bundle (quoted in the error when it is missing).
+REFERENCE_COMMAND = (
+    "osteo-train phantoms --n 1500 --seed 1 --out DATA && "
+    "osteo-train train --manifest DATA/manifest.csv --random-init vit-small --export-reference"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedBundle:
+    """A verified bundle: its manifest, identity, spec and classifier (eval mode, on `device`)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    identity: ModelIdentity
+    spec: ModelSpec
+    classifier: Classifier
+    device: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_bundle_path(name_or_path: str | Path) -> Path:
+    """A bundle folder: a path, or a shipped bundle's name ("reference") under BUNDLES_DIR."""
+    text = str(name_or_path)
+    candidate = Path(text).expanduser()
+    if candidate.is_dir() or "/" in text or text.startswith("."):
+        path = candidate
+    else:
+        path = BUNDLES_DIR / text
+    if not (path / MANIFEST).is_file():
+        if text == "reference":
+            raise BundleError(
+                f"the reference bundle is missing ({path / MANIFEST} not found). Produce it with: "
+                f"{REFERENCE_COMMAND}"
+            )
+        raise BundleError(f"no model bundle at {text!r}: {path / MANIFEST} not found")
+    return path.resolve()
+
+
+def export_bundle(
+    classifier: Classifier,
+    spec: ModelSpec,
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    thresholds: Mapping[str, float],
+    intended_use: str,
+    clinical_use: bool,
+    data_summary: Mapping[str, Any] | str,
+    model_card_md: str | None = None,
+    manufacturer: str = "osteo-node project",
+    embed_backbone: bool = True,
+) -> Path:
+    """Write `classifier` as a bundle into `out_dir` (replaced if it exists) and return the path.
+
+    embed_backbone=False keeps spec.source (hub id / path) in the manifest instead of copying the
+    backbone; it is refused for method "partial", whose backbone weights changed in training.
+    """
+    if not name or not version:
+        raise ValueError(f"export_bundle needs a name and a version, got {name!r}, {version!r}")
+    for key, value in thresholds.items():
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"threshold {key!r} must be in [0, 1], got {value!r}")
+    if not embed_backbone and spec.method == "partial":
+        raise ValueError("embed_backbone=False is not allowed for method 'partial' (weights changed)")
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial-export")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+    backbone = classifier.backbone
+    is_peft = callable(getattr(backbone, "get_base_model", None))
+    if embed_backbone:
+        # the base weights without LoRA layers; the adapters go to adapter/
+        base = copy.deepcopy(backbone).unload() if is_peft else backbone
+        base.save_pretrained(tmp / BACKBONE_DIR, safe_serialization=True)
+    if is_peft:
+        backbone.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+    head_state = {k: v.detach().cpu().contiguous() for k, v in classifier.head.state_dict().items()}
+    save_file(head_state, str(tmp / HEAD_FILE))
+    if model_card_md is not None:
+        (tmp / CARD_FILE).write_text(model_card_md, encoding="utf-8")
+
+    spec_dict = spec.to_dict()
+    if embed_backbone:
+        spec_dict["source"] = BACKBONE_DIR + "/"
+    files = {
+        p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+    }
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "version": version,
+        "device_uid": str(new_uid()),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": spec.family,
+        "method": spec.method,
+        "spec": spec_dict,
+        "input_size": spec.input_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "class_names": list(CLASS_NAMES),
+        "thresholds": {k: float(v) for k, v in thresholds.items()},
+        "intended_use": intended_use,
+        "clinical_use": bool(clinical_use),
+        "manufacturer": manufacturer,
+        "data_summary": data_summary,
+        "software_version": __version__,
+        "files": files,
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("exported bundle %s %s (device UID %s) to %s", name, version, manifest["device_uid"], out)
+    return out
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the bundle at `path`, with its required keys checked."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {path}: {MANIFEST} is missing") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {path}: {MANIFEST} is unreadable: {exc}") from exc
+    required = ("name", "version", "device_uid", "backbone", "spec", "class_names", "files")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise BundleError(f"bundle {path}: {MANIFEST} lacks keys {missing}")
+    if tuple(manifest["class_names"]) != CLASS_NAMES:
+        raise BundleError(
+            f"bundle {path}: class_names {manifest['class_names']} differ from {list(CLASS_NAMES)}"
+        )
+    return manifest
+
+
+def verify_files(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Raise BundleError naming the first file that is missing, altered or unlisted."""
+    listed: Mapping[str, str] = manifest["files"]
+    for rel, expected in listed.items():
+        file = path / rel
+        if not file.is_file():
+            raise BundleError(f"bundle {path}: file {rel} is missing (listed in {MANIFEST})")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(
+                f"bundle {path}: file {rel} was altered (sha256 {actual}, manifest says {expected}); "
+                "re-export the bundle"
+            )
+    for file in sorted(path.rglob("*")):
+        rel = file.relative_to(path).as_posix()
+        if file.is_file() and rel != MANIFEST and rel not in listed:
+            raise BundleError(f"bundle {path}: file {rel} is not listed in {MANIFEST}")
+
+
+def load_bundle(name_or_path: str | Path, device: str = "cpu") -> LoadedBundle:
+    """Resolve, verify (sha256 of every file) and load a bundle; the classifier is in eval mode."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BundleError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    path = resolve_bundle_path(name_or_path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    try:
+        spec_dict = dict(manifest["spec"])
+        embedded = spec_dict["source"].rstrip("/") == BACKBONE_DIR
+        if embedded:
+            spec_dict["source"] = str(path / BACKBONE_DIR)
+        spec = ModelSpec.from_dict(spec_dict)
+        adapter = path / ADAPTER_DIR if spec.method == "lora" else None
+        if adapter is not None and not (adapter / "adapter_config.json").is_file():
+            raise BundleError(f"bundle {path}: method 'lora' but {ADAPTER_DIR}/adapter_config.json is missing")
+        classifier = build_classifier(spec, local_files_only=True, adapter_dir=adapter)
+        classifier.head.load_state_dict(load_file(str(path / HEAD_FILE)))
+    except BundleError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise BundleError(f"bundle {path}: cannot build the classifier: {exc}") from exc
+    classifier.to(device).eval()
+    identity = ModelIdentity(
+        name=str(manifest["name"]),
+        version=str(manifest["version"]),
+        device_uid=str(manifest["device_uid"]),
+        backbone=str(manifest["backbone"]),
+        method=spec.method,
+        manufacturer=str(manifest.get("manufacturer", "")),
+        software_version=__version__,
+        clinical_use=bool(manifest.get("clinical_use", False)),
+    )
+    logger.info(
+        "loaded bundle %s %s (device UID %s, %s/%s) from %s",
+        identity.name, identity.version, identity.device_uid, identity.backbone, identity.method, path,
+    )
+    return LoadedBundle(path=path, manifest=manifest, identity=identity, spec=spec,
+                        classifier=classifier, device=device)

@@ -1,0 +1,192 @@
+"""Pixel pipeline shared by the node and by training: DICOM (or PNG) -> display image + model tensor.
+
+decode():  stored values -> Modality LUT (rescale) -> VOI LUT / window -> MONOCHROME1 inversion ->
+           float32 image in [0, 1], display space (white = bone), any bit depth, any transfer syntax
+           pydicom can decode (JPEG, JPEG-LS, JPEG 2000, RLE through the pylibjpeg plugins).
+prepare(): [0, 1] image -> PreparedImage(display uint8, letterboxed normalised tensor, box).
+
+Training feeds PNG inputs through `load_png` + `prepare` so that the model sees the same pixels
+in training and at the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+from osteo_node.errors import ImageError
+from osteo_node.records import PreparedImage
+
+logger = logging.getLogger(__name__)
+
+#: Percentiles used to scale an image that carries no VOI (no window, no VOI LUT).
+_AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    """The first frame of `ds` as float32 rows x cols in [0, 1], as a radiologist would see it.
+
+    Applies the Modality LUT / rescale, then the first VOI LUT or window (PS3.3 C.11.2), and
+    inverts MONOCHROME1 so that higher values are always brighter. Without any VOI the image is
+    scaled between its 0.5th and 99.5th percentiles. Raises ImageError when there is no pixel
+    data or it cannot be decoded.
+    """
+    sop = str(ds.get("SOPInstanceUID", "?"))
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(f"instance {sop} has no pixel data (PixelData absent)")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for missing plugins / corrupt streams
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        raise ImageError(
+            f"instance {sop}: pixel data cannot be decoded (transfer syntax {ts}): {exc}"
+        ) from exc
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        logger.warning("instance %s has %d frames; using the first", sop, frames)
+        stored = stored[0]
+    if samples > 1 or stored.ndim == 3:
+        return _colour_to_gray01(stored, photometric, sop)
+    if stored.ndim != 2:
+        raise ImageError(f"instance {sop}: expected a 2-D image, got shape {stored.shape}")
+
+    try:
+        values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+        image01 = _apply_voi01(values, ds)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ImageError(f"instance {sop}: modality/VOI LUT cannot be applied: {exc}") from exc
+
+    if photometric == "MONOCHROME1":
+        image01 = 1.0 - image01
+    elif photometric != "MONOCHROME2":
+        raise ImageError(
+            f"instance {sop}: PhotometricInterpretation {photometric!r} is not supported "
+            "for a single-sample image (allowed: MONOCHROME1, MONOCHROME2)"
+        )
+    return np.ascontiguousarray(image01, dtype=np.float32)
+
+
+def _has_voi(ds: Dataset) -> bool:
+    if ds.get("VOILUTSequence"):
+        return True
+    return "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowWidth not in (None, "")
+
+
+def _apply_voi01(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """VOI (first LUT or window) scaled to [0, 1]; percentile scaling when the image has none."""
+    if _has_voi(ds):
+        out = np.asarray(apply_voi_lut(values.copy(), ds, index=0, prefer_lut=True), np.float64)
+        # The output range of a VOI transform depends on the LUT or on BitsStored/rescale
+        # (pydicom's convention); probing with extreme inputs gives its two ends.
+        probe = np.array([values.min() - 1e9, values.max() + 1e9], dtype=np.float64)
+        ends = np.asarray(apply_voi_lut(probe, ds, index=0, prefer_lut=True), np.float64)
+        lo, hi = float(ends.min()), float(ends.max())
+        if hi > lo:
+            return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+        logger.warning("VOI output range is empty; falling back to percentile scaling")
+    lo, hi = np.percentile(values, _AUTO_WINDOW_PERCENTILES)
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _colour_to_gray01(stored: np.ndarray, photometric: str, sop: str) -> np.ndarray:
+    """A colour frame (e.g. a secondary capture) as luminance in [0, 1]."""
+    if stored.ndim != 3 or stored.shape[-1] != 3:
+        raise ImageError(f"instance {sop}: unsupported colour layout, shape {stored.shape}")
+    if photometric.startswith("YBR"):
+        gray = stored[..., 0].astype(np.float64)  # Y is luminance
+    else:
+        rgb = stored.astype(np.float64)
+        gray = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    top = float(np.iinfo(stored.dtype).max) if stored.dtype.kind in "ui" else float(gray.max() or 1)
+    return np.clip(gray / top, 0.0, 1.0).astype(np.float32)
+
+
+def load_png(path: str | Path) -> np.ndarray:
+    """A PNG (8 or 16 bit, gray or colour) as float32 rows x cols in [0, 1]."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                return np.clip(arr / top, 0.0, 1.0).astype(np.float32)
+            return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"image file {str(path)!r} cannot be read: {exc}") from exc
+
+
+def prepare(
+    image01: np.ndarray,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    display_max: int = 1024,
+) -> PreparedImage:
+    """Display image and model input from a [0, 1] image.
+
+    display: uint8, aspect kept, longer side at most `display_max`.
+    tensor: float32 (3, S, S), S = input_size: the image scaled so that its longer side is S,
+    centred on a black square (letterbox, no distortion), then normalised per channel with
+    `mean` / `std`. box: (top, left, height, width) of the image inside the square.
+    """
+    img = np.asarray(image01)
+    if img.ndim != 2 or min(img.shape) < 1:
+        raise ImageError(f"prepare needs a 2-D image, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise ImageError("prepare got an image with NaN or infinite values")
+    if input_size < 1 or display_max < 1:
+        raise ValueError(f"input_size and display_max must be >= 1, got {input_size}, {display_max}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each (std > 0), got {mean!r}, {std!r}")
+    img = np.clip(img.astype(np.float32, copy=False), 0.0, 1.0)
+    rows, cols = img.shape
+
+    d_scale = min(1.0, display_max / max(rows, cols))
+    d_shape = (max(1, round(rows * d_scale)), max(1, round(cols * d_scale)))
+    display_f = _resize(img, d_shape)
+    display = np.round(display_f * 255.0).astype(np.uint8)
+
+    scale = input_size / max(rows, cols)
+    h, w = max(1, round(rows * scale)), max(1, round(cols * scale))
+    top, left = (input_size - h) // 2, (input_size - w) // 2
+    square = np.zeros((input_size, input_size), dtype=np.float32)
+    square[top : top + h, left : left + w] = _resize(img, (h, w))
+    m = np.asarray(mean, dtype=np.float32)[:, None, None]
+    s = np.asarray(std, dtype=np.float32)[:, None, None]
+    tensor = ((square[None, :, :] - m) / s).astype(np.float32)
+    return PreparedImage(display=display, tensor=tensor, box=(top, left, h, w))
+
+
+def prepare_dataset(
+    ds: Dataset,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    display_max: int = 1024,
+) -> PreparedImage:
+    """decode() then prepare()."""
+    return prepare(decode(ds), input_size, mean, std, display_max)
+
+
+def _resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Float image resized to (rows, cols): area-averaging when shrinking, bilinear otherwise."""
+    if img.shape == shape:
+        return img.astype(np.float32, copy=True)
+    pil = Image.fromarray(img.astype(np.float32), mode="F")
+    shrinking = shape[0] < img.shape[0] and shape[1] < img.shape[1]
+    resample = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    out = pil.resize((shape[1], shape[0]), resample=resample)
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)

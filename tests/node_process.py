@@ -1,0 +1,130 @@
+"""Run the node as users do: `osteo-node serve|receive|work --config FILE` in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from conftest import free_port
+from dicom_tools import echoscu
+from osteo_node.db import Job, make_engine
+
+
+def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int,
+                 **sections: dict[str, Any]) -> Path:
+    """A node config for tests: fast polling and retries, one destination `pacs`."""
+    port = free_port()
+    base = {
+        "node": {"data_dir": str(folder / "var"), "log_level": "INFO"},
+        "dicom": {"port": port},
+        "database": {"url": database_url},
+        "model": {"bundle": bundle, "torch_threads": 1},
+        "worker": {"poll_interval_s": 0.2, "lease_s": 4.0, "retry_base_s": 0.5, "retry_max_s": 2.0,
+                   "max_attempts": 50},
+        "storage": {"min_free_disk_mb": 0},
+    }
+    for name, values in sections.items():
+        base[name] = {**base.get(name, {}), **values}
+    lines: list[str] = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    lines += ["[[destinations]]", 'name = "pacs"', 'ae_title = "ORTHANC"', 'host = "127.0.0.1"',
+              f"port = {pacs_port}"]
+    path = folder / "node.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\") + '"'
+
+
+class NodeProcess:
+    """One `osteo-node COMMAND` process; its log goes to a file the test can read."""
+
+    def __init__(self, config: Path, command: str = "serve") -> None:
+        self.config = config
+        self.command = command
+        self.log_path = config.parent / f"{command}-{time.monotonic_ns()}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        from osteo_node.config import load_settings
+
+        return load_settings(self.config).dicom.port
+
+    def start(self, wait_for_echo: bool = True) -> "NodeProcess":
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "osteo_node.cli", self.command, "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if wait_for_echo:
+            deadline = time.monotonic() + 90
+            while not echoscu(self.port):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"node did not start:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(0.2)
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def jobs_done(database_url: str, expected: int) -> bool:
+    """True once `expected` jobs exist and all are done; raises as soon as one is dead-lettered."""
+    found = jobs(database_url)
+    failed = [(j.id, j.kind, j.last_error) for j in found if j.state == "failed"]
+    if failed:
+        raise AssertionError(f"dead-lettered jobs: {failed}")
+    return len(found) == expected and all(j.state == "done" for j in found)
+
+
+def jobs(database_url: str) -> list[Job]:
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as session:
+            return list(session.scalars(select(Job).order_by(Job.id)))
+    finally:
+        engine.dispose()
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

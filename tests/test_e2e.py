@@ -1,0 +1,115 @@
+"""The node end to end: DCMTK storescu as the modality, Orthanc as the PACS, the node in between.
+
+Each test runs on SQLite and again on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from conftest import free_port
+from dicom_tools import dciodvfy_errors, storescu, synthetic_dx
+from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
+from orthanc import Orthanc
+from osteo_node.codes import CATEGORY_CODES
+from osteo_node.records import CLASS_NAMES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+
+
+@pytest.fixture
+def stack(tmp_path: Path, database_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+    """Orthanc started; a node config pointing at it (the node itself is started by the test)."""
+    node_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", node_port)
+    config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle,
+                          pacs_port=pacs.dicom_port, dicom={"port": node_port})
+    try:
+        yield pacs, config
+    finally:
+        pacs.stop()
+
+
+def results_by_source(pacs: Orthanc) -> dict[str, Counter[str]]:
+    """source SOP Instance UID -> count of SR and SC objects the node stored in the PACS."""
+    found: dict[str, Counter[str]] = {}
+    for orthanc_id in pacs.get("/instances"):
+        ds = dcmread(__import__("io").BytesIO(pacs.file(orthanc_id)))
+        if ds.SOPClassUID == SR_CLASS:
+            source = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+                .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            found.setdefault(source, Counter())["sr"] += 1
+        elif ds.SOPClassUID == SC_CLASS:
+            source = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            found.setdefault(source, Counter())["sc"] += 1
+    return found
+
+
+def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], tmp_path: Path,
+                                                  database_url: str) -> None:
+    pacs, config = stack
+    pacs.start()
+    node = NodeProcess(config).start()
+    try:
+        chest, chest_j2k = Path(get_testdata_file("RG1_UNCR.dcm")), Path(get_testdata_file("RG1_J2KR.dcm"))
+        tibia = Path(get_testdata_file("RG3_UNCR.dcm"))
+        man = synthetic_dx(tmp_path / "man.dcm", sex="M")
+        assert storescu(node.port, chest, tibia, man) == ["Success"] * 3
+        assert storescu(node.port, chest_j2k, extra=("-xv",)) == ["Success"]
+        # PACS -> node routing of a woman's DX that Orthanc holds
+        woman = synthetic_dx(tmp_path / "woman.dcm", sex="F", age=71, seed=3)
+        routed = pacs.route_to_node(pacs.upload(woman))
+        assert routed.get("FailedInstancesCount", 0) == 0, routed
+        eligible = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (chest, chest_j2k, woman)}
+        wait_for(lambda: jobs_done(database_url, 6), 240, "3 infer + 3 send jobs done")
+        by_source = results_by_source(pacs)
+        assert set(by_source) == eligible, node.log()[-3000:]
+        assert all(c == Counter({"sr": 1, "sc": 1}) for c in by_source.values())
+        for orthanc_id in pacs.get("/instances"):
+            path = tmp_path / f"{orthanc_id}.dcm"
+            path.write_bytes(pacs.file(orthanc_id))
+            ds = dcmread(path)
+            if ds.SOPClassUID not in (SR_CLASS, SC_CLASS):
+                continue
+            assert dciodvfy_errors(path) == [], ds.SOPClassUID
+            if ds.SOPClassUID == SR_CLASS:
+                check_sr(ds)
+    finally:
+        assert node.stop() == 0
+    log = node.log()
+    assert "CompressedSamples^RG1" not in log and "9RG1" not in log  # no patient name or ID
+
+
+def check_sr(ds: object) -> None:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    values = {}
+    for item in sr.ContentSequence:
+        _collect(item, values)
+    probabilities = [values[name] for name in CLASS_NAMES]
+    assert abs(sum(probabilities) - 1.0) < 1e-4
+    predicted = CLASS_NAMES[max(range(3), key=lambda i: probabilities[i])]
+    assert CATEGORY_CODES[predicted].value in values["codes"]
+
+
+def _collect(item: object, values: dict) -> None:
+    """Walk the SR tree: numeric items by concept meaning, coded values in `codes`."""
+    values.setdefault("codes", set())
+    if getattr(item, "ValueType", "") == "NUM":
+        meaning = item.ConceptNameCodeSequence[0].CodeMeaning.lower()
+        for name in CLASS_NAMES:
+            if name in meaning and "probability" in meaning:
+                values[name] = float(item.MeasuredValueSequence[0].NumericValue)
+    if getattr(item, "ValueType", "") == "CODE":
+        values["codes"].add(item.ConceptCodeSequence[0].CodeValue)
+    for child in getattr(item, "ContentSequence", []):
+        _collect(child, values)

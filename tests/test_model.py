@@ -1,0 +1,124 @@
+"""osteo_node.model: every family loads through from_pretrained; each method trains what it says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from osteo_node.model import (
+    FAMILIES,
+    METHODS,
+    ModelSpec,
+    backbone_blocks,
+    build_classifier,
+    cam_target,
+    num_prefix_tokens,
+    trainable_parameter_count,
+)
+from tinymodels import CONFIGS, INPUT_SIZE, TINY, save_tiny_backbone, tiny_spec
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return {f: save_tiny_backbone(f, tmp_path_factory.mktemp(f)) for f in FAMILIES}
+
+
+def _numel(modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def _expected_trainable(clf, method: str, k: int) -> int:
+    hidden, classes = TINY["hidden_size"], 3
+    head = hidden * classes + classes
+    if method == "linear":
+        return head
+    core = clf.backbone.get_base_model() if method == "lora" else clf.backbone
+    if method == "partial":
+        finals = [getattr(core, n) for n in ("layernorm", "post_layernorm", "head") if hasattr(core, n)]
+        return head + _numel(list(backbone_blocks(core))[-k:]) + _numel(finals)
+    # lora: r * (in + out) per adapted projection, 4 projections per block
+    r = clf.spec.lora_rank
+    return head + TINY["num_hidden_layers"] * 4 * r * (hidden + hidden)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_trainable_parameters_match_method(sources, family, method):
+    clf = build_classifier(tiny_spec(family, sources[family], method, partial_blocks=1))
+    assert trainable_parameter_count(clf) == _expected_trainable(clf, method, 1)
+    logits = clf(torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE))
+    assert logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_one_step_changes_only_trainable_parameters(sources, family, method):
+    torch.manual_seed(0)
+    clf = build_classifier(tiny_spec(family, sources[family], method, partial_blocks=1, lora_dropout=0.0))
+    before = {n: p.detach().clone() for n, p in clf.named_parameters()}
+    opt = torch.optim.SGD([p for p in clf.parameters() if p.requires_grad], lr=0.5)
+    clf.train()
+    # two steps: LoRA B starts at zero, so A only moves from the second step on
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(clf(torch.randn(4, 3, INPUT_SIZE, INPUT_SIZE)),
+                                                 torch.tensor([0, 1, 2, 0]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, p in clf.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        if p.requires_grad:
+            assert changed, f"trainable {name} did not change"
+        else:
+            assert not changed, f"frozen {name} changed"
+
+
+def test_partial_with_all_blocks_trains_everything(sources):
+    clf = build_classifier(tiny_spec("dinov2", sources["dinov2"], "partial", partial_blocks=99))
+    frozen = [n for n, p in clf.named_parameters() if not p.requires_grad]
+    assert frozen == []
+
+
+def test_random_init_without_source_files(tmp_path):
+    spec = ModelSpec(family="dinov2", source="random-init:test", method="partial", partial_blocks=2,
+                     input_size=INPUT_SIZE)
+    clf = build_classifier(spec, random_init_config=TINY)
+    assert clf(torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE)).shape == (1, 3)
+
+
+def test_lora_targets_only_block_attention(sources):
+    clf = build_classifier(tiny_spec("chexagent", sources["chexagent"], "lora"))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in clf.named_parameters() if ".lora_A" in n}
+    assert len(wrapped) == TINY["num_hidden_layers"] * 4
+    assert not any(".head." in n for n in wrapped)  # SigLIP pooling head's out_proj untouched
+
+
+def test_family_mismatch_is_refused(sources):
+    with pytest.raises(ValueError, match="model_type"):
+        build_classifier(tiny_spec("openclip", sources["dinov2"], "linear"))
+
+
+def test_spec_validation_names_the_field():
+    with pytest.raises(ValueError, match="method"):
+        ModelSpec(family="dinov2", source="x", method="full")
+    with pytest.raises(ValueError, match="family"):
+        ModelSpec(family="resnet", source="x", method="linear")
+
+
+def test_spec_round_trip():
+    spec = ModelSpec(family="openclip", source="x", method="lora", lora_targets=("q_proj", "v_proj"))
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize("family,prefix", [("dinov2", 1), ("rad-dino", 5), ("openclip", 1), ("chexagent", 0)])
+def test_cam_target_drops_prefix_tokens(sources, family, prefix):
+    clf = build_classifier(tiny_spec(family, sources[family], "linear"))
+    layers, reshape = cam_target(clf)
+    assert num_prefix_tokens(clf.backbone) == prefix
+    grid = INPUT_SIZE // TINY["patch_size"]
+    captured = {}
+    handle = layers[0].register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    clf(torch.randn(1, 3, INPUT_SIZE, INPUT_SIZE))
+    handle.remove()
+    assert captured["out"].shape[1] == prefix + grid * grid
+    assert reshape(captured["out"]).shape == (1, TINY["hidden_size"], grid, grid)

@@ -1,0 +1,288 @@
+"""The synthetic phantom cohort: files, DICOM realism, determinism, masks and label information."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from training import phantoms
+from training.perturb import inpaint_bone
+
+SIZE = 256
+OPTIONS = phantoms.GenerationOptions(size=SIZE, lateral_fraction=0.3, male_fraction=0.3)
+DCIODVFY = Path("/usr/bin/dciodvfy")
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten phantoms at 256 px (seed 3: PA and lateral views, both sexes)."""
+    out = tmp_path_factory.mktemp("phantoms")
+    phantoms.generate(out, 10, 3, OPTIONS)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rows(cohort: Path) -> list[dict[str, str]]:
+    return read_manifest(cohort / "manifest.csv")
+
+
+def test_manifest_has_exact_columns_and_files(cohort: Path, rows: list[dict[str, str]]) -> None:
+    with (cohort / "manifest.csv").open() as handle:
+        header = handle.readline().strip().split(",")
+    assert header == list(phantoms.MANIFEST_COLUMNS)
+    assert header[:14] == (
+        "file,patient_id,t_score,class,age,sex,view,split,mask_ribs,mask_clavicles,"
+        "mask_spine,mask_scapulae,mask_humeri,mask_lungs"
+    ).split(",")
+    assert header[14] == "true_class"
+    assert len(rows) == 10
+    for row in rows:
+        assert (cohort / row["file"]).is_file()
+        assert row["class"] in phantoms.CLASS_NAMES and row["true_class"] in phantoms.CLASS_NAMES
+        assert row["true_class"] == phantoms.category_from_t_score(float(row["t_score"]))
+        assert row["split"] in ("train", "val", "test")
+        assert 40 <= int(row["age"]) <= 90
+        for name in phantoms.MASK_NAMES:
+            mask = np.asarray(Image.open(cohort / row[f"mask_{name}"]))
+            assert mask.shape == (SIZE, SIZE) and mask.dtype == np.uint8
+            assert set(np.unique(mask)) <= {0, 255}
+    assert {row["view"] for row in rows} == {"PA", "LATERAL"}
+    assert {row["sex"] for row in rows} == {"F", "M"}
+
+
+def test_cohort_splits_by_patient_and_covers_classes() -> None:
+    specs, splits = phantoms.draw_cohort(600, 0, phantoms.GenerationOptions())
+    by_patient: dict[int, list[phantoms.PhantomSpec]] = defaultdict(list)
+    for spec in specs:
+        by_patient[spec.patient_index].append(spec)
+    repeats = [p for p, studies in by_patient.items() if len(studies) == 2]
+    assert repeats, "some patients should have a repeat study"
+    for patient in repeats:
+        first, second = by_patient[patient]
+        assert first.patient_id == second.patient_id and second.study_date > first.study_date
+    shares = {name: sum(s == name for s in splits.values()) / len(splits) for name in ("train", "val", "test")}
+    assert shares["train"] == pytest.approx(0.70, abs=0.02)
+    assert shares["val"] == pytest.approx(0.15, abs=0.02)
+    true_classes = [spec.true_class for spec in specs]
+    for name in phantoms.CLASS_NAMES:
+        assert true_classes.count(name) > 0.25 * len(specs)
+    t_scores = [spec.t_score for spec in specs]
+    assert min(t_scores) < -4.0 and max(t_scores) > 1.5
+    noisy = sum(spec.label_class != spec.true_class for spec in specs) / len(specs)
+    assert 0.02 < noisy < 0.09
+
+
+def test_same_seed_is_identical_and_other_seed_differs(tmp_path: Path, cohort: Path) -> None:
+    again = tmp_path / "again"
+    other = tmp_path / "other"
+    phantoms.generate(again, 10, 3, OPTIONS, workers=2)
+    phantoms.generate(other, 3, 4, OPTIONS)
+    assert (again / "manifest.csv").read_bytes() == (cohort / "manifest.csv").read_bytes()
+    for row in read_manifest(again / "manifest.csv"):
+        assert (again / row["file"]).read_bytes() == (cohort / row["file"]).read_bytes()
+        assert (again / row["mask_ribs"]).read_bytes() == (cohort / row["mask_ribs"]).read_bytes()
+    first = pydicom.dcmread(cohort / "images" / "000000.dcm")
+    changed = pydicom.dcmread(other / "images" / "000000.dcm")
+    assert first.PixelData != changed.PixelData
+    assert first.SOPInstanceUID != changed.SOPInstanceUID
+    assert (other / "manifest.csv").read_bytes() != (cohort / "manifest.csv").read_bytes()
+
+
+def test_dicom_header_is_a_dx_for_presentation(cohort: Path, rows: list[dict[str, str]]) -> None:
+    for row in rows:
+        ds = pydicom.dcmread(cohort / row["file"])
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1.1"
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.Modality == "DX" and ds.PresentationIntentType == "FOR PRESENTATION"
+        assert ds.BodyPartExamined == "CHEST"
+        assert ds.ViewPosition == ("PA" if row["view"] == "PA" else "LL")
+        assert ds.PatientSex == row["sex"]
+        assert ds.PatientAge == f"{int(row['age']):03d}Y"
+        birth, study = (int(ds.PatientBirthDate[:4]), ds.PatientBirthDate[4:]), (int(ds.StudyDate[:4]), ds.StudyDate[4:])
+        assert study[0] - birth[0] - (study[1] < birth[1]) == int(row["age"])
+        number = row["patient_id"].split("-")[1]
+        assert str(ds.PatientName) == f"PHANTOM^{number}" and ds.PatientID == row["patient_id"]
+        assert ds.PhotometricInterpretation == "MONOCHROME2"
+        assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation) == (16, 12, 11, 0)
+        assert (ds.Rows, ds.Columns) == (SIZE, SIZE)
+        assert len(ds.ImagerPixelSpacing) == 2 and len(ds.PixelSpacing) == 2
+        assert float(ds.WindowWidth) > 0 and 0 < float(ds.WindowCenter) < 4096
+        assert ds.ImageLaterality == "U"
+        pixels = ds.pixel_array
+        assert pixels.shape == (SIZE, SIZE) and int(pixels.max()) <= 4095
+
+
+@pytest.mark.integration
+def test_dciodvfy_reports_no_errors(cohort: Path, rows: list[dict[str, str]]) -> None:
+    if not DCIODVFY.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("dciodvfy is required in CI (apt-get install dicom3tools)")
+        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
+    for row in rows:
+        result = subprocess.run([str(DCIODVFY), str(cohort / row["file"])], capture_output=True, text=True)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+        assert not errors, f"{row['file']}: {errors}"
+
+
+def test_eligibility_accepts_female_pa_and_refuses_male_and_lateral(
+    cohort: Path, rows: list[dict[str, str]]
+) -> None:
+    eligibility = pytest.importorskip("osteo_node.eligibility")
+    rules = eligibility.EligibilityRules()
+    seen = {"female_pa": 0, "male": 0, "lateral": 0}
+    for row in rows:
+        decision = eligibility.decide(pydicom.dcmread(cohort / row["file"]), rules)
+        if row["sex"] == "F" and row["view"] == "PA" and int(row["age"]) >= 50:
+            assert decision.eligible, decision.reason
+            seen["female_pa"] += 1
+        if row["sex"] == "M":
+            assert not decision.eligible
+            seen["male"] += 1
+        if row["view"] == "LATERAL":
+            assert not decision.eligible
+            seen["lateral"] += 1
+    assert all(seen.values()), seen
+
+
+def _local_contrast(pixels: np.ndarray, inside: np.ndarray, outside: np.ndarray) -> float:
+    """Mean high-pass value (image minus its 8-px Gaussian blur) inside minus outside."""
+    detail = pixels - cv2.GaussianBlur(pixels, (0, 0), 8)
+    return float(detail[inside].mean() - detail[outside].mean())
+
+
+def test_bone_masks_are_brighter_than_lungs(cohort: Path, rows: list[dict[str, str]]) -> None:
+    for row in rows:
+        pixels = pydicom.dcmread(cohort / row["file"]).pixel_array.astype(np.float32)
+        masks = {name: np.asarray(Image.open(cohort / row[f"mask_{name}"])) > 0 for name in phantoms.MASK_NAMES}
+        assert masks["spine"].any() and masks["ribs"].any() and masks["lungs"].any()
+        assert pixels[masks["spine"]].mean() > pixels[masks["lungs"]].mean() + 100
+        # Ribs over the lungs: brighter than the rib-free lung (locally), and less so when the
+        # mask is moved by half a rib spacing (the masks sit on the ribs).
+        lungs, ribs = masks["lungs"], masks["ribs"]
+        aligned = _local_contrast(pixels, ribs & lungs, lungs & ~ribs)
+        moved = np.roll(ribs, 8, axis=0)
+        assert aligned > 5.0
+        assert aligned > _local_contrast(pixels, moved & lungs, lungs & ~moved)
+
+
+def _bone_contrast(rendering: phantoms.Rendering) -> float:
+    """Mean value in the spine and rib masks minus the mean of the soft tissue around them."""
+    pixels = rendering.pixels.astype(np.float64)
+    bone = rendering.masks["spine"] | rendering.masks["ribs"]
+    near = cv2.dilate(bone.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    ring = near & ~cv2.dilate(bone.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    return float(pixels[bone].mean() - pixels[ring].mean())
+
+
+def test_lower_t_score_gives_less_bone_contrast() -> None:
+    specs, _ = phantoms.draw_cohort(3, 7, phantoms.GenerationOptions(lateral_fraction=0.0))
+    for spec in specs:
+        contrasts = [
+            _bone_contrast(phantoms.render(dataclasses.replace(spec, t_score=t), SIZE)) for t in (1.5, -1.5, -4.0)
+        ]
+        assert contrasts[0] > contrasts[1] > contrasts[2], contrasts
+        unchanged = dataclasses.replace(spec, bone_change=False)
+        assert _bone_contrast(phantoms.render(dataclasses.replace(unchanged, t_score=1.5), SIZE)) == pytest.approx(
+            _bone_contrast(phantoms.render(dataclasses.replace(unchanged, t_score=-4.0), SIZE))
+        )
+
+
+def _pixel_features(pixels: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """Windowed image downsampled to 16 x 16."""
+    windowed = (pixels.astype(np.float32) - centre) / width
+    return cv2.resize(windowed, (16, 16), interpolation=cv2.INTER_AREA).ravel()
+
+
+@pytest.mark.slow
+def test_label_information_lives_in_bone_only() -> None:
+    """Low-BMD is linearly predictable from pixels, but not once bone is inpainted away."""
+    size = 128
+    options = phantoms.GenerationOptions(size=size, lateral_fraction=0.0, label_noise=0.0)
+    specs, _ = phantoms.draw_cohort(240, 11, options)
+    rng = np.random.default_rng(0)
+    original, inpainted, low_bmd = [], [], []
+    for spec in specs:
+        rendering = phantoms.render(spec, size, options.spacing_mm)
+        bone = np.zeros((size, size), bool)
+        for name in phantoms.BONE_GROUPS:
+            bone |= rendering.masks[name]
+        bone = cv2.dilate(bone.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+        filled = inpaint_bone(rendering.pixels.astype(np.float32), bone, rng)
+        original.append(_pixel_features(rendering.pixels, rendering.window_center, rendering.window_width))
+        inpainted.append(_pixel_features(filled, rendering.window_center, rendering.window_width))
+        low_bmd.append(spec.t_score < -1.0)
+    labels = np.array(low_bmd)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+
+    def cross_validated_auc(features: list[np.ndarray]) -> float:
+        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+        scores = cross_val_predict(model, np.array(features), labels, cv=folds, method="predict_proba")[:, 1]
+        return float(roc_auc_score(labels, scores))
+
+    auc_original, auc_inpainted = cross_validated_auc(original), cross_validated_auc(inpainted)
+    assert auc_original > 0.8, auc_original
+    assert auc_inpainted < 0.65, auc_inpainted
+
+
+def test_soft_tissue_leak_moves_the_signal_out_of_bone() -> None:
+    options = phantoms.GenerationOptions(leak="soft-tissue", lateral_fraction=0.0)
+    spec = phantoms.draw_cohort(1, 5, options)[0][0]
+    assert not spec.bone_change
+    high, low = (phantoms.render(dataclasses.replace(spec, t_score=t), 128) for t in (1.5, -4.0))
+    assert np.array_equal(high.pixels, low.pixels)  # bone mineral no longer follows the T-score
+    leaky = phantoms.draw_cohort(60, 5, options)[0]
+    t_scores = np.array([s.t_score for s in leaky])
+    densities = np.array([s.soft_density for s in leaky])
+    assert np.corrcoef(t_scores, densities)[0, 1] < -0.9
+
+
+def test_options_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="label_noise.*1.5"):
+        phantoms.GenerationOptions(label_noise=1.5)
+    with pytest.raises(ValueError, match="leak.*bones"):
+        phantoms.GenerationOptions(leak="bones")
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        phantoms.draw_cohort(0, 0, phantoms.GenerationOptions())
+
+
+def test_command_line_writes_a_cohort(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "phantoms", "--n", "2", "--seed", "1", "--out", str(out),
+         "--size", "128", "--workers", "1"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(read_manifest(out / "manifest.csv")) == 2
+    sheet = tmp_path / "sheet.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "contact-sheet", "--manifest", str(out / "manifest.csv"),
+         "--out", str(sheet), "--n", "2"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr
+    assert Image.open(sheet).size[0] > 0
+    shutil.rmtree(out)

@@ -1,0 +1,131 @@
+"""osteo_node.pixels: real CR files from pydicom-data and synthetic edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from osteo_node.errors import ImageError
+from osteo_node.pixels import decode, load_png, prepare, prepare_dataset
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _read(name):
+    return pydicom.dcmread(get_testdata_file(name))
+
+
+def _synthetic(pixels: np.ndarray, photometric="MONOCHROME2", **attrs) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 16
+    ds.BitsStored = attrs.pop("BitsStored", 12)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.astype(np.int16 if ds.PixelRepresentation else np.uint16).tobytes()
+    return ds
+
+
+def test_rg1_decodes_to_unit_range():
+    image = decode(_read("RG1_UNCR.dcm"))
+    assert image.shape == (1955, 1841) and image.dtype == np.float32
+    assert 0.0 <= image.min() < image.max() <= 1.0
+
+
+def test_rg1_jpeg2000_decodes_identically():
+    np.testing.assert_array_equal(decode(_read("RG1_UNCR.dcm")), decode(_read("RG1_J2KR.dcm")))
+
+
+def test_rg1_is_inverted_monochrome1():
+    ds = _read("RG1_UNCR.dcm")
+    image = decode(ds)
+    raw = ds.pixel_array.astype(float)
+    # MONOCHROME1: higher stored values are darker
+    assert np.corrcoef(raw.ravel()[::97], image.ravel()[::97])[0, 1] < -0.99
+
+
+def test_rg3_decodes():
+    image = decode(_read("RG3_UNCR.dcm"))
+    assert image.shape == (1760, 1760) and 0.0 <= image.min() < image.max() <= 1.0
+
+
+def test_monochrome1_is_inverse_of_monochrome2():
+    pixels = np.random.default_rng(0).integers(0, 4096, (40, 30))
+    m2 = decode(_synthetic(pixels, "MONOCHROME2", WindowCenter=2048, WindowWidth=4096))
+    m1 = decode(_synthetic(pixels, "MONOCHROME1", WindowCenter=2048, WindowWidth=4096))
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+
+
+def test_rescale_and_window():
+    # stored 0..1000 -> HU-like -1000..0 after rescale; window 200 wide centred on -500
+    pixels = np.tile(np.arange(0, 1001, 10), (5, 1))
+    ds = _synthetic(pixels, RescaleSlope=1, RescaleIntercept=-1000, WindowCenter=-500, WindowWidth=200)
+    image = decode(ds)
+    values = pixels[0] - 1000
+    row = image[0]
+    assert np.all(row[values <= -600] == 0.0)
+    assert np.all(row[values >= -400] == 1.0)
+    mid = row[(values > -600) & (values < -400)]
+    assert np.all(np.diff(mid) > 0) and 0.4 < row[values == -500][0] < 0.6
+
+
+def test_no_window_uses_full_range_any_bit_depth():
+    pixels = np.random.default_rng(1).integers(0, 2**16, (50, 50)).astype(np.uint16)
+    image = decode(_synthetic(pixels, BitsStored=16))
+    assert image.min() == 0.0 and image.max() == 1.0
+
+
+def test_missing_pixel_data_raises_image_error():
+    ds = _synthetic(np.zeros((4, 4), np.uint16))
+    del ds.PixelData
+    with pytest.raises(ImageError, match="no pixel data"):
+        decode(ds)
+
+
+def test_undecodable_pixel_data_raises_image_error():
+    ds = _synthetic(np.zeros((4, 4), np.uint16))
+    ds.PixelData = b"\x00" * 7  # too short for 4 x 4 x 16 bit
+    with pytest.raises(ImageError, match="cannot be decoded"):
+        decode(ds)
+
+
+def test_prepare_letterboxes_and_keeps_aspect():
+    image = np.linspace(0, 1, 300 * 200, dtype=np.float32).reshape(300, 200)
+    prepared = prepare(image, 224, MEAN, STD, display_max=150)
+    assert prepared.display.dtype == np.uint8 and prepared.display.shape == (150, 100)
+    assert prepared.tensor.shape == (3, 224, 224) and prepared.tensor.dtype == np.float32
+    top, left, height, width = prepared.box
+    assert (top, height) == (0, 224) and width == round(200 * 224 / 300) and left == (224 - width) // 2
+    channel0 = prepared.tensor[0] * STD[0] + MEAN[0]
+    np.testing.assert_allclose(channel0[:, :left], 0.0, atol=1e-6)  # black letterbox
+    assert channel0[:, left : left + width].max() > 0.9
+
+
+def test_prepare_dataset_rg1():
+    prepared = prepare_dataset(_read("RG1_UNCR.dcm"), 224, MEAN, STD, display_max=1024)
+    assert prepared.display.shape == (1024, round(1841 * 1024 / 1955))
+    assert prepared.box == (0, (224 - round(1841 * 224 / 1955)) // 2, 224, round(1841 * 224 / 1955))
+
+
+def test_load_png_8_and_16_bit(tmp_path):
+    gray16 = (np.arange(64 * 32, dtype=np.uint16) * 31).reshape(64, 32)
+    Image.fromarray(gray16).save(tmp_path / "a.png")
+    np.testing.assert_allclose(load_png(tmp_path / "a.png"), gray16 / 65535.0, atol=1e-6)
+    gray8 = (np.arange(64 * 32) % 256).astype(np.uint8).reshape(64, 32)
+    Image.fromarray(gray8).save(tmp_path / "b.png")
+    np.testing.assert_allclose(load_png(tmp_path / "b.png"), gray8 / 255.0, atol=1e-6)
+    (tmp_path / "c.png").write_bytes(b"not a png")
+    with pytest.raises(ImageError, match="c.png"):
+        load_png(tmp_path / "c.png")

@@ -1,0 +1,136 @@
+"""Training data: manifest rows -> decoded, prepared, cached images -> augmented batches.
+
+Images go through osteo_node.pixels (the node's own pipeline) once; the letterboxed [0, 1] model
+input is cached in memory, augmented per batch, then normalised with the spec's mean/std.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pydicom
+import torch
+import torch.nn.functional as F
+
+from osteo_node.errors import ImageError
+from osteo_node.pixels import decode, load_png, prepare
+from osteo_node.records import CLASS_NAMES, category_from_t_score
+
+logger = logging.getLogger(__name__)
+
+FRONTAL_VIEWS = frozenset({"PA", "AP"})
+REQUIRED_COLUMNS = ("file", "patient_id", "class", "view", "split")
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest row that training uses."""
+
+    path: Path
+    patient_id: str
+    label: int  # index into CLASS_NAMES
+    t_score: float | None
+    view: str
+    split: str  # train, val or test
+
+
+def read_manifest(manifest: str | Path, *, frontal_only: bool = True) -> list[Row]:
+    """Rows of a manifest CSV (paths relative to the manifest's folder); lateral views dropped."""
+    manifest = Path(manifest)
+    base = manifest.parent
+    rows: list[Row] = []
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"manifest {manifest} lacks columns {missing} (has {reader.fieldnames})")
+        for n, rec in enumerate(reader, start=2):
+            view = (rec.get("view") or "").strip().upper()
+            if frontal_only and view not in FRONTAL_VIEWS:
+                continue
+            split = SPLIT_ALIASES.get((rec.get("split") or "").strip().lower())
+            if split is None:
+                raise ValueError(f"manifest {manifest} line {n}: split {rec.get('split')!r} not in {sorted(SPLIT_ALIASES)}")
+            t_text = (rec.get("t_score") or "").strip()
+            t_score = float(t_text) if t_text else None
+            name = (rec.get("class") or "").strip().lower()
+            if not name and t_score is not None:
+                name = category_from_t_score(t_score)
+            if name not in CLASS_NAMES:
+                raise ValueError(f"manifest {manifest} line {n}: class {rec.get('class')!r} not in {CLASS_NAMES}")
+            rows.append(Row(path=base / rec["file"], patient_id=rec["patient_id"], label=CLASS_NAMES.index(name),
+                            t_score=t_score, view=view, split=split))
+    return rows
+
+
+def load_image01(path: Path) -> np.ndarray:
+    """A training image as [0, 1] display space: PNG through load_png, anything else as DICOM."""
+    if path.suffix.lower() == ".png":
+        return load_png(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise ImageError(f"{path}: not a readable DICOM file: {exc}") from exc
+    return decode(ds)
+
+
+class CachedImages:
+    """Letterboxed [0, 1] model inputs (N, S, S) float16 plus labels, decoded once."""
+
+    def __init__(self, rows: Sequence[Row], input_size: int) -> None:
+        start = time.perf_counter()
+        self.rows = list(rows)
+        self.images = torch.zeros((len(self.rows), input_size, input_size), dtype=torch.float16)
+        for i, row in enumerate(self.rows):
+            # mean 0 / std 1: the tensor is the letterboxed [0, 1] image itself
+            prepared = prepare(load_image01(row.path), input_size, (0.0,) * 3, (1.0,) * 3, display_max=1)
+            self.images[i] = torch.from_numpy(prepared.tensor[0]).to(torch.float16)
+        self.labels = torch.tensor([r.label for r in self.rows], dtype=torch.long)
+        logger.info("cached %d images at %d px in %.1f s", len(self.rows), input_size, time.perf_counter() - start)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def normalise(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, S, S) or (B, 1, S, S) in [0, 1] -> (B, 3, S, S) normalised model input."""
+    if x01.dim() == 3:
+        x01 = x01[:, None]
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x01.float().expand(-1, 3, -1, -1) - m) / s
+
+
+def augment(x01: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Small random affine, brightness/contrast/gamma and noise on (B, S, S) [0, 1] images."""
+    x = x01.float()[:, None]
+    b = x.shape[0]
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(b, generator=generator)
+
+    angle = u(-5, 5) * strength * math.pi / 180
+    scale = 1 + u(-0.07, 0.07) * strength
+    tx, ty = u(-0.04, 0.04) * strength * 2, u(-0.04, 0.04) * strength * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    gamma = torch.exp(u(-0.25, 0.25) * strength).view(b, 1, 1, 1)
+    x = x.clamp(0, 1) ** gamma
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    contrast = (1 + u(-0.15, 0.15) * strength).view(b, 1, 1, 1)
+    brightness = (u(-0.08, 0.08) * strength).view(b, 1, 1, 1)
+    x = (x - mean) * contrast + mean + brightness
+    sigma = (u(0.0, 0.02) * strength).view(b, 1, 1, 1)
+    x = x + sigma * torch.randn(x.shape, generator=generator)
+    return x.clamp(0, 1)[:, 0]

@@ -1,0 +1,735 @@
+"""`osteo-train phantoms`: a synthetic cohort of chest radiographs with known bone density.
+
+Each phantom is a digitally reconstructed radiograph (DRR) of the one real chest CT shipped in
+`training/data/chest_ct` (see its README): Hounsfield units become linear attenuation at about
+60 keV, the bone mineral of the labelled skeleton is scaled by a factor tied to a simulated T-score
+(trabecular bone more than cortical bone), and parallel rays through the slightly rotated volume
+give a PA (or lateral) line-integral image. Detector physics (quantum noise, blur) and a DX
+processing chain (log, edge enhancement, 12-bit output, VOI window) follow. Everything except the
+bone factors is drawn independently of the T-score, unless `--leak soft-tissue` asks otherwise.
+
+Per image the command writes a DICOM DX For Presentation file, PNG masks of the projected bone
+groups and the lungs (same geometry), and one `manifest.csv` row.
+
+    osteo-train phantoms --n 1000 --seed 0 --out runs/phantoms
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import functools
+import logging
+import math
+import multiprocessing
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from osteo_node.records import CLASS_NAMES, category_from_t_score
+from osteo_node.uids import derived_uid
+
+logger = logging.getLogger(__name__)
+
+DATA_FILE = Path(__file__).resolve().parent / "data" / "chest_ct" / "chest_ct.npz"
+
+#: Group ids of the compact label volume (see training/derive_ct.py).
+GROUP_IDS: dict[str, int] = {
+    "ribs": 1, "clavicles": 2, "spine": 3, "scapulae": 4, "humeri": 5, "sternum": 6, "lungs": 7,
+}
+#: Structures written as PNG masks, in manifest column order.
+MASK_NAMES: tuple[str, ...] = ("ribs", "clavicles", "spine", "scapulae", "humeri", "lungs")
+#: Groups whose mineral follows the T-score.
+BONE_GROUPS: tuple[str, ...] = ("ribs", "clavicles", "spine", "scapulae", "humeri", "sternum")
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "file", "patient_id", "t_score", "class", "age", "sex", "view", "split",
+    *(f"mask_{name}" for name in MASK_NAMES),
+    "true_class",
+)
+
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+MU_WATER = 0.02  # linear attenuation of water near 60 keV, 1/mm
+#: Mineral attenuates relatively more at radiograph energies (~60 keV) than at CT energies
+#: (~70 keV effective, where HU were measured): bilinear HU -> mu conversion above soft tissue.
+BONE_ENERGY_FACTOR = 2.0
+SOFT_HU = 40.0  # HU of marrow / soft tissue; bone mineral is the excess above it
+TRABECULAR_MAX_HU = 450.0  # interior bone voxels below this are trabecular
+MAGNIFICATION = 1.1  # estimated radiographic magnification factor (PA, 180 cm SID)
+FIELD_OF_VIEW_MM = 330.0  # default patient-plane field of view at zoom 1
+T_SCORE_RANGES: dict[str, tuple[float, float]] = {
+    "osteoporosis": (-4.5, -2.5),
+    "osteopenia": (-2.5, -1.0),
+    "normal": (-1.0, 2.0),
+}
+LEAKS: tuple[str, ...] = ("none", "soft-tissue")
+SPLITS: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.15), ("test", 0.15))
+BASE_DATE = dt.date(2023, 1, 2)
+
+
+def bone_factors(t_score: float) -> tuple[float, float]:
+    """(cortical, trabecular) mineral factors relative to the CT's bone (taken as T = 0).
+
+    One T-score SD is about 10-12% of young-adult areal BMD; trabecular bone, with its larger
+    surface, loses mineral faster than cortical bone.
+    """
+    return max(0.3, 1.0 + 0.09 * t_score), max(0.15, 1.0 + 0.16 * t_score)
+
+
+# --------------------------------------------------------------------------- anatomy
+
+
+@dataclass(frozen=True, eq=False)
+class Anatomy:
+    """The compact CT as attenuation components, plane-major for one view.
+
+    Arrays have shape (planes along the ray, detector-horizontal u, vertical v = inferior->superior):
+    `soft` (all non-mineral attenuation, 1/mm), `cortical` and `trabecular` (bone mineral excess,
+    1/mm), `bits` (bit g-1 set where bone group g is), `body` (projected tissue chord, mm, (u, v)).
+    """
+
+    view: str
+    soft: np.ndarray
+    cortical: np.ndarray
+    trabecular: np.ndarray
+    bits: np.ndarray
+    body: np.ndarray
+    step_mm: float
+    du_mm: float
+    dv_mm: float
+    lung_v_range: tuple[float, float]  # lung extent along v, mm from the inferior edge
+
+
+@functools.lru_cache(maxsize=4)
+def load_anatomy(view: str = "PA", path: Path = DATA_FILE) -> Anatomy:
+    """Load the compact CT and split it into attenuation components for `view` (PA or LATERAL)."""
+    from scipy import ndimage
+
+    if view not in ("PA", "LATERAL"):
+        raise ValueError(f"load_anatomy: view must be PA or LATERAL, got {view!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"load_anatomy: compact CT {path} missing; run training.derive_ct")
+    with np.load(path) as data:
+        hu = data["hu"].astype(np.float32)
+        groups = data["groups"]
+        spacing = tuple(float(s) for s in data["spacing"])
+
+    bone = np.isin(groups, [GROUP_IDS[name] for name in BONE_GROUPS])
+    # Interior of each bone in-plane (slices are 2.5 mm thick, so no erosion along z).
+    interior = np.zeros_like(bone)
+    for group in BONE_GROUPS:
+        member = groups == GROUP_IDS[group]
+        interior |= ndimage.binary_erosion(member, structure=np.ones((3, 3, 1), bool))
+    trabecular_voxels = interior & (hu < TRABECULAR_MAX_HU)
+
+    soft = MU_WATER * np.clip(1.0 + np.minimum(hu, SOFT_HU) / 1000.0, 0.0, None)
+    excess = MU_WATER * BONE_ENERGY_FACTOR * np.clip(hu - SOFT_HU, 0.0, None) / 1000.0
+    # Unlabelled dense voxels (calcifications, contrast) stay with the soft component.
+    soft += np.where(bone, 0.0, excess)
+    cortical = np.where(bone & ~trabecular_voxels, excess, 0.0).astype(np.float32)
+    trabecular = np.where(trabecular_voxels, excess, 0.0).astype(np.float32)
+    bits = np.zeros(groups.shape, np.uint8)
+    for gid in range(1, 8):
+        bits |= np.where(groups == gid, np.uint8(1 << (gid - 1)), np.uint8(0))
+    tissue = (hu > -500).astype(np.float32)
+
+    ray_axis = 1 if view == "PA" else 0  # PA: posterior->anterior; lateral: right->left
+
+    def plane_major(volume: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(np.moveaxis(volume, ray_axis, 0))
+
+    lung_z = np.nonzero((groups == GROUP_IDS["lungs"]).any(axis=(0, 1)))[0]
+    return Anatomy(
+        view=view,
+        soft=plane_major(soft.astype(np.float32)),
+        cortical=plane_major(cortical),
+        trabecular=plane_major(trabecular),
+        bits=plane_major(bits),
+        body=tissue.sum(axis=ray_axis) * spacing[ray_axis],
+        step_mm=spacing[ray_axis],
+        du_mm=spacing[1 - ray_axis],
+        dv_mm=spacing[2],
+        lung_v_range=(float(lung_z[0]) * spacing[2], float(lung_z[-1] + 1) * spacing[2]),
+    )
+
+
+def shear_project(planes: np.ndarray, shift_u: float, shift_v: float) -> np.ndarray:
+    """Sum of planes, plane j shifted by (j - centre) * (shift_u, shift_v) voxels (bilinear).
+
+    This is the parallel projection along a ray direction tilted by small angles.
+    """
+    n, nu, nv = planes.shape
+    pad = int(math.ceil(max(abs(shift_u), abs(shift_v)) * n / 2)) + 2
+    out = np.zeros((nu + 2 * pad + 1, nv + 2 * pad + 1), np.float32)
+    centre = (n - 1) / 2
+    row = np.empty((nu + 1, nv), np.float32)
+    for j in range(n):
+        su, sv = (j - centre) * shift_u, (j - centre) * shift_v
+        iu, iv = math.floor(su), math.floor(sv)
+        fu, fv = su - iu, sv - iv
+        row[:nu] = (1 - fu) * planes[j]
+        row[nu] = 0
+        row[1:] += fu * planes[j]
+        u0, v0 = pad + iu, pad + iv
+        out[u0 : u0 + nu + 1, v0 : v0 + nv] += (1 - fv) * row
+        out[u0 : u0 + nu + 1, v0 + 1 : v0 + 1 + nv] += fv * row
+    return out[pad : pad + nu, pad : pad + nv]
+
+
+def shear_project_bits(planes: np.ndarray, shift_u: float, shift_v: float) -> np.ndarray:
+    """Bitwise OR of planes along the same tilted rays as `shear_project` (nearest voxel)."""
+    n, nu, nv = planes.shape
+    pad = int(math.ceil(max(abs(shift_u), abs(shift_v)) * n / 2)) + 2
+    out = np.zeros((nu + 2 * pad, nv + 2 * pad), np.uint8)
+    centre = (n - 1) / 2
+    for j in range(n):
+        iu, iv = round((j - centre) * shift_u), round((j - centre) * shift_v)
+        out[pad + iu : pad + iu + nu, pad + iv : pad + iv + nv] |= planes[j]
+    return out[pad : pad + nu, pad : pad + nv]
+
+
+# --------------------------------------------------------------------------- cohort
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Settings of one `osteo-train phantoms` run."""
+
+    size: int = 512
+    pixel_spacing: float | None = None  # patient-plane mm per pixel; None: FIELD_OF_VIEW_MM / size
+    label_noise: float = 0.05
+    lateral_fraction: float = 0.1
+    male_fraction: float = 0.15
+    repeat_fraction: float = 0.05
+    leak: str = "none"
+    bone_change: bool = True
+
+    def __post_init__(self) -> None:
+        if not 32 <= self.size <= 4096:
+            raise ValueError(f"size must be in 32..4096, got {self.size!r}")
+        if self.pixel_spacing is not None and not 0.05 <= self.pixel_spacing <= 5.0:
+            raise ValueError(f"pixel_spacing must be in 0.05..5 mm, got {self.pixel_spacing!r}")
+        for name in ("label_noise", "lateral_fraction", "male_fraction", "repeat_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+        if self.leak not in LEAKS:
+            raise ValueError(f"leak must be one of {LEAKS}, got {self.leak!r}")
+
+    @property
+    def spacing_mm(self) -> float:
+        """Patient-plane pixel spacing (DICOM PixelSpacing)."""
+        return self.pixel_spacing or round(FIELD_OF_VIEW_MM / self.size, 4)
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """Everything that defines one phantom image; drawn in order from the run's seed."""
+
+    index: int
+    patient_index: int
+    study_index: int  # 0 first study, 1 repeat study
+    seed: int
+    t_score: float
+    label_class: str  # after label noise
+    sex: str
+    birth_date: dt.date
+    study_date: dt.date
+    view: str  # PA or LATERAL
+    yaw_deg: float
+    pitch_deg: float
+    roll_deg: float
+    zoom: float  # anatomy scale: > 1 magnifies (body size variation / tighter crop)
+    shift_u: float  # position of the field inside the available slack, 0..1
+    shift_v: float
+    soft_density: float
+    fat_fraction: float
+    breast: tuple[float, float, float, float] | None  # radius mm, thickness mm, dx mm, dz fraction
+    photons: float  # quanta per pixel behind air
+    blur_mm: float
+    edge_amount: float
+    edge_sigma_mm: float
+    equalization: float  # share of the large-scale soft-tissue signal removed
+    equalization_sigma_mm: float
+    dn_low: float
+    dn_high: float
+    window_jitter: tuple[float, float]
+    electronic_noise_dn: float
+    bone_change: bool = True
+
+    @property
+    def patient_id(self) -> str:
+        return f"PHANTOM-{self.patient_index:06d}"
+
+    @property
+    def true_class(self) -> str:
+        return category_from_t_score(self.t_score)
+
+    @property
+    def age(self) -> int:
+        """Completed years at the study date."""
+        years = self.study_date.year - self.birth_date.year
+        before_birthday = (self.study_date.month, self.study_date.day) < (
+            self.birth_date.month,
+            self.birth_date.day,
+        )
+        return years - int(before_birthday)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:06d}"
+
+
+def noisy_label(true_class: str, rng: np.random.Generator) -> str:
+    """A neighbouring WHO class of `true_class`, drawn uniformly among the neighbours."""
+    position = CLASS_NAMES.index(true_class)
+    neighbours = [CLASS_NAMES[i] for i in (position - 1, position + 1) if 0 <= i < len(CLASS_NAMES)]
+    return neighbours[int(rng.integers(len(neighbours)))]
+
+
+def draw_image(
+    rng: np.random.Generator,
+    options: GenerationOptions,
+    *,
+    index: int,
+    seed: int,
+    patient_index: int,
+    study_index: int,
+    t_score: float,
+    sex: str,
+    birth_date: dt.date,
+    study_date: dt.date,
+) -> PhantomSpec:
+    """Draw the per-image nuisance parameters (independent of the T-score unless leaking)."""
+    label = category_from_t_score(t_score)
+    if rng.random() < options.label_noise:
+        label = noisy_label(label, rng)
+    view = "LATERAL" if rng.random() < options.lateral_fraction else "PA"
+    soft_density = float(rng.uniform(0.94, 1.06))
+    fat_fraction = float(rng.uniform(0.0, 0.25))
+    if options.leak == "soft-tissue":
+        # The class shows in soft tissue instead: denser, thicker soft tissue at low T-score.
+        soft_density = float(1.0 - 0.03 * (t_score + 1.25) + rng.uniform(-0.01, 0.01))
+        fat_fraction = float(np.clip(0.12 - 0.06 * (t_score + 1.25), 0.0, 0.5))
+    breast = None
+    if sex == "F" and rng.random() < 0.9:
+        breast = (
+            float(rng.uniform(45, 85)),
+            float(rng.uniform(12, 40)),
+            float(rng.uniform(60, 95)),
+            float(rng.uniform(0.15, 0.4)),
+        )
+    return PhantomSpec(
+        index=index,
+        patient_index=patient_index,
+        study_index=study_index,
+        seed=seed,
+        t_score=round(t_score, 2),
+        label_class=label,
+        sex=sex,
+        birth_date=birth_date,
+        study_date=study_date,
+        view=view,
+        yaw_deg=float(rng.uniform(-3, 3)),
+        pitch_deg=float(rng.uniform(-3, 3)),
+        roll_deg=float(rng.uniform(-3, 3)),
+        zoom=float(rng.uniform(1.0, 1.15)),
+        shift_u=float(rng.random()),
+        shift_v=float(rng.random()),
+        soft_density=soft_density,
+        fat_fraction=fat_fraction,
+        breast=breast,
+        photons=float(np.exp(rng.uniform(np.log(2e4), np.log(2e5)))),
+        blur_mm=float(rng.uniform(0.25, 0.7)),
+        edge_amount=float(rng.uniform(0.3, 0.8)),
+        edge_sigma_mm=float(rng.uniform(1.0, 2.0)),
+        equalization=float(rng.uniform(0.6, 0.8)),
+        equalization_sigma_mm=float(rng.uniform(15, 30)),
+        dn_low=float(rng.uniform(150, 450)),
+        dn_high=float(rng.uniform(3200, 3800)),
+        window_jitter=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(0.9, 1.1))),
+        electronic_noise_dn=float(rng.uniform(1.0, 4.0)),
+        bone_change=options.bone_change and options.leak == "none",
+    )
+
+
+def draw_cohort(n: int, seed: int, options: GenerationOptions) -> tuple[list[PhantomSpec], dict[int, str]]:
+    """`n` image specs (a few patients imaged twice) and the split of each patient index."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n!r}")
+    rng = np.random.default_rng(seed)
+    specs: list[PhantomSpec] = []
+    patient = 0
+    while len(specs) < n:
+        t_class = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+        low, high = T_SCORE_RANGES[t_class]
+        t_score = float(rng.uniform(low, high))
+        sex = "M" if rng.random() < options.male_fraction else "F"
+        age = float(rng.uniform(40, 90))
+        study_date = BASE_DATE + dt.timedelta(days=int(rng.integers(0, 730)))
+        birth_date = study_date - dt.timedelta(days=int(age * 365.25))
+        studies = 2 if rng.random() < options.repeat_fraction and len(specs) + 2 <= n else 1
+        for study in range(studies):
+            if study:
+                study_date += dt.timedelta(days=int(rng.integers(30, 400)))
+            specs.append(
+                draw_image(
+                    rng, options, index=len(specs), seed=seed, patient_index=patient,
+                    study_index=study, t_score=t_score, sex=sex, birth_date=birth_date,
+                    study_date=study_date,
+                )
+            )
+        patient += 1
+    order = rng.permutation(patient)
+    splits: dict[int, str] = {}
+    start = 0.0
+    for name, share in SPLITS:
+        stop = start + share
+        for position in range(int(round(start * patient)), int(round(stop * patient))):
+            splits[int(order[position])] = name
+        start = stop
+    for p in range(patient):
+        splits.setdefault(p, SPLITS[-1][0])
+    return specs, splits
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True, eq=False)
+class Rendering:
+    """One rendered phantom: 12-bit stored values, masks and the VOI window."""
+
+    pixels: np.ndarray  # uint16 rows x cols, 0..4095, MONOCHROME2
+    masks: dict[str, np.ndarray]  # name -> bool rows x cols (MASK_NAMES plus sternum)
+    window_center: float
+    window_width: float
+
+
+def _detector_maps(
+    spec: PhantomSpec, anatomy: Anatomy, size: int, spacing_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """cv2.remap maps from detector pixels to (u, v) indices of the projection grid."""
+    nu, nv = anatomy.soft.shape[1:]
+    extent_u, extent_v = nu * anatomy.du_mm, nv * anatomy.dv_mm
+    n = anatomy.soft.shape[0]
+    margin_u = abs(math.tan(math.radians(spec.yaw_deg))) * n * anatomy.step_mm / 2
+    margin_v = abs(math.tan(math.radians(spec.pitch_deg))) * n * anatomy.step_mm / 2
+    mm_per_px = spacing_mm / spec.zoom
+    fov = size * mm_per_px
+    slack_u = extent_u - fov - 2 * margin_u
+    if slack_u >= 0:
+        centre_u = margin_u + fov / 2 + spec.shift_u * slack_u
+    else:  # the field is wider than the volume (lateral views): centre with a small shift
+        centre_u = extent_u / 2 + (spec.shift_u - 0.5) * min(-slack_u, 30.0)
+    slack_v = max(extent_v - fov - 2 * margin_v, 0.0)
+    centre_v = extent_v - margin_v - fov / 2 - spec.shift_v * slack_v  # from the top down
+
+    grid = (np.arange(size, dtype=np.float32) - (size - 1) / 2) * mm_per_px
+    pu, pv = np.meshgrid(grid, grid)  # pv grows downwards (towards the feet)
+    cos, sin = math.cos(math.radians(spec.roll_deg)), math.sin(math.radians(spec.roll_deg))
+    ru, rv = cos * pu - sin * pv, sin * pu + cos * pv
+    if anatomy.view == "PA":  # patient's right on the viewer's left
+        u_mm = centre_u + ru
+    else:  # left lateral: anterior on the viewer's left
+        u_mm = centre_u - ru
+    v_mm = centre_v - rv
+    map_u = (u_mm / anatomy.du_mm - 0.5).astype(np.float32)
+    map_v = (v_mm / anatomy.dv_mm - 0.5).astype(np.float32)
+    return map_u, map_v
+
+
+def _breast_path(spec: PhantomSpec, anatomy: Anatomy) -> np.ndarray:
+    """Water-equivalent breast thickness (mm) on the projection grid (u, v); zeros if none."""
+    nu, nv = anatomy.soft.shape[1:]
+    path = np.zeros((nu, nv), np.float32)
+    if spec.breast is None or anatomy.view != "PA":
+        return path
+    radius, thickness, offset, height = spec.breast
+    u = (np.arange(nu, dtype=np.float32) + 0.5) * anatomy.du_mm
+    v = (np.arange(nv, dtype=np.float32) + 0.5) * anatomy.dv_mm
+    lung_low, lung_high = anatomy.lung_v_range
+    v_centre = lung_low + height * (lung_high - lung_low)
+    dv = (v - v_centre)[None, :]
+    # Rounded inferior border, gradual superior blend into the chest wall.
+    scale_v = np.where(dv < 0, radius * 0.8, radius * 1.8)
+    for side in (-1.0, 1.0):
+        du = (u - (nu * anatomy.du_mm / 2 + side * offset))[:, None]
+        r2 = (du / radius) ** 2 + (dv / scale_v) ** 2
+        path += thickness * np.sqrt(np.clip(1.0 - r2, 0.0, None))
+    return path
+
+
+def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(total, soft-only, bits) on the projection grid (u, v) for the spec's pose and density."""
+    rng = np.random.default_rng([spec.seed, spec.index, 1])
+    shift_u = math.tan(math.radians(spec.yaw_deg)) * anatomy.step_mm / anatomy.du_mm
+    shift_v = math.tan(math.radians(spec.pitch_deg)) * anatomy.step_mm / anatomy.dv_mm
+    step = anatomy.step_mm
+    soft = shear_project(anatomy.soft, shift_u, shift_v) * step
+    cortical = shear_project(anatomy.cortical, shift_u, shift_v) * step
+    trabecular = shear_project(anatomy.trabecular, shift_u, shift_v) * step
+    bits = shear_project_bits(anatomy.bits, shift_u, shift_v)
+
+    nu = soft.shape[0]
+    lateral_weight = 0.5 + 1.5 * (np.abs(np.arange(nu) - nu / 2) / (nu / 2))[:, None] ** 2
+    fat = spec.fat_fraction * anatomy.body * (lateral_weight if anatomy.view == "PA" else 1.0)
+    soft_total = spec.soft_density * soft + 0.9 * MU_WATER * fat + 0.95 * MU_WATER * _breast_path(spec, anatomy)
+
+    f_cortical, f_trabecular = bone_factors(spec.t_score) if spec.bone_change else (1.0, 1.0)
+    # Loss of horizontal trabeculae leaves coarse vertical striation (vertebral bodies).
+    striation = cv2.GaussianBlur(rng.standard_normal(trabecular.shape).astype(np.float32), (0, 0), 1.5, sigmaY=0.4)
+    striation /= max(float(striation.std()), 1e-6)
+    amplitude = 0.35 * float(np.clip(-spec.t_score / 4.5, 0.0, 1.0)) if spec.bone_change else 0.0
+    texture = np.clip(1.0 + amplitude * striation, 0.0, None)
+    total = soft_total + f_cortical * cortical + f_trabecular * trabecular * texture
+    return total.astype(np.float32), soft_total.astype(np.float32), bits
+
+
+def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) -> Rendering:
+    """Render one phantom: projection, detector, DX processing, 12-bit values and masks."""
+    spacing_mm = spacing_mm or FIELD_OF_VIEW_MM / size
+    anatomy = load_anatomy(spec.view)
+    total, soft, bits = line_integrals(spec, anatomy)
+    map_u, map_v = _detector_maps(spec, anatomy, size, spacing_mm)
+    # The projection grid is (u, v) with v upwards; cv2 wants (rows, cols) = (v, u).
+    line = cv2.remap(total.T, map_u, map_v, cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    line = np.clip(line, 0.0, None)
+    # Dynamic-range equalization removes a share of the large-scale signal. Its low-pass image
+    # comes from the soft-tissue-only projection, so processing carries no bone information.
+    low_pass = cv2.GaussianBlur(
+        np.ascontiguousarray(soft.T), (0, 0),
+        sigmaX=spec.equalization_sigma_mm / anatomy.du_mm, sigmaY=spec.equalization_sigma_mm / anatomy.dv_mm,
+    )
+    soft_equalized = soft.T - spec.equalization * low_pass
+    equalizer = spec.equalization * cv2.remap(low_pass, map_u, map_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    coarse_u, coarse_v = map_u[::8, ::8].copy(), map_v[::8, ::8].copy()
+    soft_line = cv2.remap(soft_equalized, coarse_u, coarse_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+    # Detector: quantum noise on the transmitted intensity, then the scintillator blur.
+    rng = np.random.default_rng([spec.seed, spec.index, 2])
+    mm_per_px = spacing_mm / spec.zoom
+    intensity = np.exp(-line)
+    intensity += rng.standard_normal(intensity.shape).astype(np.float32) * np.sqrt(intensity / spec.photons)
+    intensity = cv2.GaussianBlur(intensity, (0, 0), spec.blur_mm / mm_per_px)
+    logged = -np.log(np.clip(intensity, 1e-6, None))
+    # DX processing: edge enhancement (unsharp mask), then a linear map to 12 bits.
+    blurred = cv2.GaussianBlur(logged, (0, 0), spec.edge_sigma_mm / mm_per_px)
+    processed = logged + spec.edge_amount * (logged - blurred) - equalizer
+    # Mapping and window come from the soft-tissue-only image so they carry no bone information.
+    low, high = np.percentile(soft_line, [0.5, 99.0])
+    high += 0.3
+    gain = (spec.dn_high - spec.dn_low) / max(float(high - low), 1e-3)
+    values = spec.dn_low + gain * (processed - low)
+    values += rng.standard_normal(values.shape).astype(np.float32) * spec.electronic_noise_dn
+    pixels = np.clip(np.rint(values), 0, 4095).astype(np.uint16)
+
+    width = (spec.dn_high - spec.dn_low) * spec.window_jitter[1]
+    centre = (spec.dn_high + spec.dn_low) / 2 + spec.window_jitter[0] * width
+    masks = {}
+    for name, gid in GROUP_IDS.items():  # linear interpolation + threshold: smooth outlines
+        member = ((bits.T >> (gid - 1)) & 1).astype(np.float32)
+        warped = cv2.remap(member, map_u, map_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        masks[name] = warped >= 0.5
+    return Rendering(pixels, masks, round(float(centre), 1), round(float(width), 1))
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def build_dataset(spec: PhantomSpec, rendering: Rendering, spacing_mm: float) -> Dataset:
+    """The DX For Presentation object (PS3.3 A.26) of one phantom, with file meta."""
+    seed, patient = str(spec.seed), spec.patient_id
+    study_uid = derived_uid("osteo-node phantom", seed, patient, "study", str(spec.study_index))
+    series_uid = derived_uid("osteo-node phantom", seed, patient, "series", str(spec.study_index))
+    instance_uid = derived_uid("osteo-node phantom", seed, patient, "instance", str(spec.index))
+    date = spec.study_date.strftime("%Y%m%d")
+    time_of_day = f"{9 + spec.index % 8:02d}{(spec.index * 7) % 60:02d}00"
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+    meta.MediaStorageSOPInstanceUID = instance_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = derived_uid("osteo-node", "implementation")
+    meta.ImplementationVersionName = "OSTEO_NODE_010"
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = DX_FOR_PRESENTATION
+    ds.SOPInstanceUID = instance_uid
+    ds.ImageType = ["DERIVED", "PRIMARY"]
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = time_of_day
+    ds.AccessionNumber = f"PH{spec.patient_index:06d}{spec.study_index}"
+    ds.Modality = "DX"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.Manufacturer = "osteo-node phantom generator"
+    ds.InstitutionName = "SYNTHETIC"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CHEST (synthetic phantom)"
+    ds.SeriesDescription = f"Chest {spec.view} DRR phantom"
+    ds.ManufacturerModelName = "osteo-train phantoms"
+    ds.PatientName = f"PHANTOM^{spec.patient_index:06d}"
+    ds.PatientID = patient
+    ds.PatientBirthDate = spec.birth_date.strftime("%Y%m%d")
+    ds.PatientSex = spec.sex
+    ds.PatientAge = f"{spec.age:03d}Y"
+    ds.PatientIdentityRemoved = "NO"
+    ds.BodyPartExamined = "CHEST"
+    ds.SoftwareVersions = "osteo-node 0.1.0"
+    ds.ImagerPixelSpacing = [round(spacing_mm * MAGNIFICATION, 6)] * 2
+    ds.PixelSpacing = [round(spacing_mm, 6)] * 2
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PixelSpacingCalibrationDescription = "Estimated radiographic magnification factor applied"
+    ds.EstimatedRadiographicMagnificationFactor = MAGNIFICATION
+    ds.DistanceSourceToDetector = 1800
+    ds.DistanceSourceToPatient = round(1800 / MAGNIFICATION, 1)
+    ds.KVP = 120
+    ds.DetectorType = "SCINTILLATOR"
+    ds.DetectorID = "PHANTOM"
+    ds.DetectorConfiguration = "AREA"
+    ds.PositionerType = "NONE"
+    ds.ViewPosition = "PA" if spec.view == "PA" else "LL"  # DICOM's left lateral
+    ds.ViewCodeSequence = Sequence(
+        [_code("399348003", "SCT", "postero-anterior") if spec.view == "PA" else _code("399352003", "SCT", "left lateral")]
+    )
+    ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
+    ds.AcquisitionContextSequence = Sequence([])
+    ds.ImageLaterality = "U"
+    ds.PatientOrientation = ["L", "F"] if spec.view == "PA" else ["P", "F"]
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.StudyID = f"{spec.study_index + 1}"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.QualityControlImage = "NO"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rendering.pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = 0
+    ds.RescaleSlope = 1
+    ds.RescaleType = "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.WindowCenter = rendering.window_center
+    ds.WindowWidth = rendering.window_width
+    ds.WindowCenterWidthExplanation = "DRR phantom default"
+    ds.PixelData = rendering.pixels.astype("<u2").tobytes()
+    return ds
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _write_one(job: tuple[PhantomSpec, Path, int, float]) -> dict[str, str]:
+    """Render and write one phantom; return its manifest fields (without split)."""
+    spec, out, size, spacing_mm = job
+    rendering = render(spec, size, spacing_mm)
+    ds = build_dataset(spec, rendering, spacing_mm)
+    image_path = Path("images") / f"{spec.stem}.dcm"
+    ds.save_as(out / image_path, enforce_file_format=True)
+    row = {
+        "file": image_path.as_posix(),
+        "patient_id": spec.patient_id,
+        "t_score": f"{spec.t_score:.2f}",
+        "class": spec.label_class,
+        "age": str(spec.age),
+        "sex": spec.sex,
+        "view": spec.view,
+    }
+    for name in MASK_NAMES:
+        mask_path = Path("masks") / f"{spec.stem}_{name}.png"
+        Image.fromarray(rendering.masks[name].astype(np.uint8) * 255).save(out / mask_path, optimize=False)
+        row[f"mask_{name}"] = mask_path.as_posix()
+    row["true_class"] = spec.true_class
+    return row
+
+
+def generate(out: Path, n: int, seed: int, options: GenerationOptions, workers: int = 1) -> Path:
+    """Write `n` phantoms and `manifest.csv` into `out`; return the manifest path."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers!r}")
+    specs, splits = draw_cohort(n, seed, options)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    jobs = [(spec, out, options.size, options.spacing_mm) for spec in specs]
+    started = time.perf_counter()
+    if workers == 1:
+        rows = [_write_one(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            rows = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    for spec, row in zip(specs, rows):
+        row["split"] = splits[spec.patient_index]
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    logger.info("wrote %d phantoms to %s in %.1f s", len(rows), out, time.perf_counter() - started)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`osteo-train phantoms --n N --seed S --out DIR [options]`."""
+    parser = argparse.ArgumentParser(prog="osteo-train phantoms", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, required=True, help="number of images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--size", type=int, default=512, help="detector pixels per side (default 512)")
+    parser.add_argument("--pixel-spacing", type=float, default=None,
+                        help=f"patient-plane mm per pixel (default {FIELD_OF_VIEW_MM:.0f} mm / size)")
+    parser.add_argument("--label-noise", type=float, default=0.05,
+                        help="fraction of images labelled with a neighbouring class (default 0.05)")
+    parser.add_argument("--lateral-fraction", type=float, default=0.1, help="share of lateral views")
+    parser.add_argument("--male-fraction", type=float, default=0.15, help="share of male patients")
+    parser.add_argument("--repeat-fraction", type=float, default=0.05,
+                        help="share of patients with a repeat study (same split)")
+    parser.add_argument("--leak", choices=LEAKS, default="none",
+                        help="soft-tissue: the class shows in soft tissue, bone unchanged (control)")
+    parser.add_argument("--no-bone-change", action="store_true",
+                        help="bone mineral fixed: labels carry no image information (null control)")
+    parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = GenerationOptions(
+        size=args.size,
+        pixel_spacing=args.pixel_spacing,
+        label_noise=args.label_noise,
+        lateral_fraction=args.lateral_fraction,
+        male_fraction=args.male_fraction,
+        repeat_fraction=args.repeat_fraction,
+        leak=args.leak,
+        bone_change=not args.no_bone_change,
+    )
+    logger.info("phantoms: n=%d seed=%d out=%s %s", args.n, args.seed, args.out, options)
+    generate(args.out, args.n, args.seed, options, workers=args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
