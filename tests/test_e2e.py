@@ -113,3 +113,57 @@ def _collect(item: object, values: dict) -> None:
         values["codes"].add(item.ConceptCodeSequence[0].CodeValue)
     for child in getattr(item, "ContentSequence", []):
         _collect(child, values)
+
+
+def test_worker_killed_mid_job_completes_after_restart_without_duplicates(
+    stack: tuple[Orthanc, Path], database_url: str
+) -> None:
+    pacs, config = stack
+    pacs.start()
+    receiver = NodeProcess(config, "receive").start()
+    worker = NodeProcess(config, "work").start(wait_for_echo=False)
+    try:
+        chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+        assert storescu(receiver.port, chest) == ["Success"]
+        wait_for(lambda: any(j.state == "running" for j in jobs(database_url)), 120,
+                 "the worker to start the job", interval=0.01)
+        worker.kill()  # SIGKILL while the job is in progress
+        (job,) = jobs(database_url)
+        assert job.state == "running"
+        worker = NodeProcess(config, "work").start(wait_for_echo=False)
+        wait_for(lambda: jobs_done(database_url, 2), 180, "infer + send done after restart")
+        infer = jobs(database_url)[0]
+        assert infer.attempts == 2  # the killed attempt, then the one that finished
+        assert results_by_source(pacs) == {str(dcmread(chest).SOPInstanceUID): Counter(sr=1, sc=1)}
+        # A worker that dies after sending but before recording sends again: same UIDs, one copy.
+        from sqlalchemy import update
+        from sqlalchemy.orm import Session
+
+        from osteo_node.db import Job, make_engine
+
+        engine = make_engine(database_url)
+        with Session(engine) as session, session.begin():
+            session.execute(update(Job).where(Job.kind == "send").values(state="queued"))
+        engine.dispose()
+        wait_for(lambda: jobs_done(database_url, 2), 60, "the repeated send")
+        assert len(pacs.get("/instances")) == 2
+    finally:
+        worker.stop()
+        receiver.stop()
+
+
+def test_results_wait_for_a_pacs_that_is_down(stack: tuple[Orthanc, Path], database_url: str) -> None:
+    pacs, config = stack  # not started: the PACS is down
+    node = NodeProcess(config).start()
+    try:
+        chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+        assert storescu(node.port, chest) == ["Success"]
+        wait_for(lambda: any(j.kind == "send" and j.attempts >= 2 and j.state == "queued"
+                             for j in jobs(database_url)), 120, "failed send attempts")
+        (send,) = [j for j in jobs(database_url) if j.kind == "send"]
+        assert "association rejected or no answer" in (send.last_error or "")
+        pacs.start()
+        wait_for(lambda: jobs_done(database_url, 2), 120, "delivery once the PACS is back")
+        assert results_by_source(pacs) == {str(dcmread(chest).SOPInstanceUID): Counter(sr=1, sc=1)}
+    finally:
+        node.stop()
