@@ -22,6 +22,7 @@ from .eligibility import SCREENED_SOP_CLASSES, EligibilityRules, decide
 from .errors import StoreError
 from .queue import Queue, Received
 from .store import FileStore
+from .tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,11 @@ def start_receiver(
         (evt.EVT_ACCEPTED, _log_association),
         (evt.EVT_REJECTED, _log_association),
     ]
+    ssl_context = server_context(settings.tls) if settings.tls is not None else None
     server = ae.start_server(
-        (settings.bind_address, settings.port), block=False, evt_handlers=handlers
+        (settings.bind_address, settings.port), block=False, evt_handlers=handlers,
+        ssl_context=ssl_context,
     )
-    log.info(
-        "receiver listening as %s on %s:%d", settings.ae_title, settings.bind_address, settings.port
-    )
+    log.info("receiver listening as %s on %s:%d%s", settings.ae_title, settings.bind_address,
+             settings.port, " (TLS)" if ssl_context else "")
     return server

@@ -13,14 +13,33 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .config import Destination
 from .errors import SendError
+from .tls import client_context
 
 log = logging.getLogger(__name__)
 
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB007, 0xB006}
+
+
+def _associate(ae: AE, destination: Destination) -> Association:
+    """Associate with `destination` (over TLS when configured) or raise SendError."""
+    tls = None
+    if destination.tls is not None:
+        # Verify the certificate against the CA; the host name is checked too unless the
+        # destination is addressed by IP, where the certificate's IP SAN is matched instead.
+        tls = (client_context(destination.tls), destination.host)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         tls_args=tls)
+    if not assoc.is_established:
+        raise SendError(
+            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
+            f"{destination.port}): association rejected or no answer"
+        )
+    return assoc
 
 
 def _ae(calling_ae: str, timeout_s: float) -> AE:
@@ -35,12 +54,7 @@ def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> 
     """C-ECHO `destination`; raises SendError saying why when it does not answer success."""
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise SendError(
-            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
-            f"{destination.port}): association rejected or no answer"
-        )
+    assoc = _associate(ae, destination)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -60,12 +74,7 @@ def send_files(
             [header.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         ))
         ae.add_requested_context(header.SOPClassUID, syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
-    if not assoc.is_established:
-        raise SendError(
-            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
-            f"{destination.port}): association rejected or no answer"
-        )
+    assoc = _associate(ae, destination)
     try:
         for path, header in zip(paths, headers):
             status = assoc.send_c_store(path)

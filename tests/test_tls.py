@@ -1,0 +1,109 @@
+"""DICOM TLS: the receiver with DCMTK `storescu +tls`, the sender with DCMTK `storescp +tls`."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from conftest import free_port, require_tool
+from dicom_tools import storescu
+from osteo_node import migrate
+from osteo_node.config import DicomSettings, TlsSettings, parse_settings
+from osteo_node.db import make_engine
+from osteo_node.eligibility import EligibilityRules
+from osteo_node.errors import ConfigError, SendError
+from osteo_node.queue import Queue
+from osteo_node.receive import ReceiveLimits, start_receiver
+from osteo_node.send import echo, send_files
+from osteo_node.store import FileStore
+
+pytestmark = pytest.mark.integration
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA, a server certificate for 127.0.0.1, a client certificate, and a rogue one."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+             "-subj", "/CN=osteo test CA", "-days", "2", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "rogue.key", "-out",
+             "rogue.crt", "-subj", "/CN=rogue", "-days", "2", cwd=d)
+    return d
+
+
+@pytest.fixture
+def tls_receiver(pki: Path, tmp_path: Path) -> Iterator[tuple[int, FileStore]]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    migrate.upgrade(engine)
+    port = free_port()
+    tls = TlsSettings(cert=pki / "server.crt", key=pki / "server.key", ca=pki / "ca.crt")
+    store = FileStore(tmp_path / "store")
+    server = start_receiver(DicomSettings(port=port, tls=tls), Queue(engine), store,
+                            EligibilityRules(), ReceiveLimits(min_free_bytes=0))
+    yield port, store
+    server.shutdown()
+    engine.dispose()
+
+
+def test_receiver_accepts_only_tls_with_a_trusted_client_certificate(
+    pki: Path, tls_receiver: tuple[int, FileStore]
+) -> None:
+    port, _ = tls_receiver
+    chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+    trusted = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
+    assert storescu(port, chest, extra=trusted) == ["Success"]
+    assert storescu(port, chest) != ["Success"]  # plain TCP refused
+    rogue = ("+tls", str(pki / "rogue.key"), str(pki / "rogue.crt"), "+cf", str(pki / "ca.crt"))
+    assert storescu(port, chest, extra=rogue) != ["Success"]  # certificate not signed by our CA
+
+
+def test_sender_stores_over_tls_to_dcmtk_storescp(pki: Path, tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "+tls", str(pki / "server.key"), str(pki / "server.crt"),
+         "+cf", str(pki / "ca.crt"), "-rc", "-aet", "ARCHIVE", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        raw = {"destinations": [{"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1",
+                                 "port": port, "tls": {"ca": "ca.crt", "cert": "client.crt",
+                                                       "key": "client.key"}}]}
+        (destination,) = parse_settings(raw, pki).destinations  # relative paths: config folder
+        for _ in range(50):
+            try:
+                echo(destination, "OSTEO_NODE")
+                break
+            except SendError:
+                time.sleep(0.1)
+        send_files(destination, [Path(get_testdata_file("RG1_UNCR.dcm"))], "OSTEO_NODE")
+        assert len(list(out.iterdir())) == 1
+        plain = destination.model_copy(update={"tls": None})
+        with pytest.raises(SendError, match="association rejected or no answer"):
+            send_files(plain, [Path(get_testdata_file("RG1_UNCR.dcm"))], "OSTEO_NODE", timeout_s=5)
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
+
+
+def test_tls_config_errors_name_the_key(pki: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dicom\.tls\.cert: Value error, file not found"):
+        parse_settings({"dicom": {"tls": {"cert": "missing.crt", "key": "server.key"}}}, pki)
+    with pytest.raises(ConfigError, match="tls.cert and tls.key must be given together"):
+        parse_settings({"dicom": {"tls": {"cert": "server.crt"}}}, pki)
