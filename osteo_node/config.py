@@ -6,11 +6,12 @@ the config file. Errors name the key, the value received and what is allowed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -18,12 +19,16 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from .eligibility import EligibilityRules
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .refer import ReferralPolicy
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +45,45 @@ def _ae_title(value: str) -> str:
     return value
 
 
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths resolve against the config file's folder (validation context `base`)."""
+    value = value.expanduser()
+    base = (info.context or {}).get("base")
+    return value if value.is_absolute() or base is None else (Path(base) / value).resolve()
+
+
+def _existing_file(value: Path) -> Path:
+    if not value.is_file():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
 Port = Annotated[int, Field(ge=1, le=65535)]
 AETitle = Annotated[str, AfterValidator(_ae_title)]
+#: A path in the config: relative to the config file's folder.
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+#: A file that must exist at start-up (certificates, keys).
+ConfigFile = Annotated[Path, AfterValidator(_resolve), AfterValidator(_existing_file)]
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS (PS3.15 Annex B.1): our certificate and key, and the CA that signs the peers'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: PEM certificate and private key presented to peers (required for a receiver).
+    cert: ConfigFile | None = None
+    key: ConfigFile | None = None
+    #: PEM CA bundle: peers must present a certificate it signed (receiver: client certificates
+    #: required; sender: the destination's certificate is verified). Empty: receiver does not ask
+    #: for client certificates; sender uses the system trust store.
+    ca: ConfigFile | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsSettings":
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key must be given together (or neither)")
+        return self
 
 
 class _Section(BaseModel):
@@ -49,7 +91,7 @@ class _Section(BaseModel):
 
 
 class NodeSettings(_Section):
-    data_dir: Path = Path("var")
+    data_dir: ConfigPath = Path("var")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
@@ -64,6 +106,8 @@ class DicomSettings(_Section):
     max_pdu_size: int = Field(default=0, ge=0)
     max_instance_mb: int = Field(default=200, ge=1)
     acse_timeout_s: float = Field(default=30.0, gt=0)
+    #: DICOM TLS for the receiver; absent: plain TCP.
+    tls: TlsSettings | None = None
     network_timeout_s: float = Field(default=60.0, gt=0)
 
 
@@ -96,6 +140,16 @@ class WorkerSettings(_Section):
         return self
 
 
+class MetricsSettings(_Section):
+    """Prometheus /metrics and /healthz over plain HTTP (keep it on loopback or a management net)."""
+
+    host: str = "127.0.0.1"
+    #: Port for `serve` and `work`; 0 disables the endpoint.
+    port: int = Field(default=9464, ge=0, le=65535)
+    #: Port for `receive` when it runs as its own process; 0 disables it.
+    receiver_port: int = Field(default=9465, ge=0, le=65535)
+
+
 class StorageSettings(_Section):
     retention_days: int = Field(default=30, ge=1)
     min_free_disk_mb: int = Field(default=1024, ge=0)
@@ -107,6 +161,8 @@ class Destination(_Section):
     host: str
     port: Port
     send: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
+    #: DICOM TLS to this destination; absent: plain TCP.
+    tls: TlsSettings | None = None
 
 
 class EligibilitySettings(_Section):
@@ -123,6 +179,84 @@ class EligibilitySettings(_Section):
         return EligibilityRules(**self.model_dump())
 
 
+class ReferralSettings(_Section):
+    """When a screened radiograph puts the patient on the DXA referral worklist (osteo_node.refer)."""
+
+    enabled: bool = True
+    osteoporosis_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    low_bmd_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+    min_age: int = Field(default=50, ge=0, le=130)
+    max_age: int | None = Field(default=None, ge=0, le=130)
+    allow_unknown_age: bool = False
+    repeat_window_days: int = Field(default=730, ge=0, le=36500)
+
+    @model_validator(mode="after")
+    def _age_order(self) -> "ReferralSettings":
+        if self.max_age is not None and self.max_age < self.min_age:
+            raise ValueError(
+                f"referral.max_age ({self.max_age}) must be >= referral.min_age ({self.min_age})"
+            )
+        return self
+
+    def policy(self) -> "ReferralPolicy":
+        from .refer import ReferralPolicy
+
+        return ReferralPolicy(**self.model_dump(exclude={"enabled"}))
+
+
+#: Secret keys that appear in documentation and must never be used.
+PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "secret", "please-change-me"})
+MIN_SECRET_LENGTH = 32
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class WebSettings(_Section):
+    """The referral worklist web application (`osteo-node web`)."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    #: Signs session cookies. Empty: a random key per process (loopback only).
+    secret_key: str = ""
+    session_minutes: int = Field(default=30, ge=1, le=24 * 60)
+    tls_cert: ConfigFile | None = None
+    tls_key: ConfigFile | None = None
+    page_size: int = Field(default=50, ge=5, le=500)
+
+    @model_validator(mode="after")
+    def _secure(self) -> "WebSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("web.tls_cert and web.tls_key must be given together (or neither)")
+        if self.secret_key:
+            if self.secret_key.strip().lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("web.secret_key is a documentation placeholder: generate one with "
+                                 "`python -c 'import secrets; print(secrets.token_urlsafe(48))'`")
+            if len(self.secret_key) < MIN_SECRET_LENGTH:
+                raise ValueError(f"web.secret_key must be at least {MIN_SECRET_LENGTH} characters "
+                                 f"(got {len(self.secret_key)})")
+        if not is_loopback(self.host):
+            if not self.secret_key:
+                raise ValueError(f"web.secret_key is required when web.host ({self.host!r}) is "
+                                 "not a loopback address")
+            if self.tls_cert is None:
+                raise ValueError(f"web.tls_cert and web.tls_key are required when web.host "
+                                 f"({self.host!r}) is not a loopback address (no plain HTTP on "
+                                 "the network)")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
 class Settings(_Section):
     """The whole configuration. Build it with `load_settings(path)`."""
 
@@ -132,7 +266,10 @@ class Settings(_Section):
     model: ModelSettings = ModelSettings()
     worker: WorkerSettings = WorkerSettings()
     storage: StorageSettings = StorageSettings()
+    metrics: MetricsSettings = MetricsSettings()
     eligibility: EligibilitySettings = EligibilitySettings()
+    referral: ReferralSettings = ReferralSettings()
+    web: WebSettings = WebSettings()
     destinations: tuple[Destination, ...] = ()
 
     @field_validator("destinations")
@@ -152,6 +289,7 @@ class Settings(_Section):
         """The effective settings for the start-up log, secrets removed."""
         data = self.model_dump(mode="json")
         data["database"]["url"] = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", self.database_url)
+        data["web"]["secret_key"] = "***" if self.web.secret_key else ""
         return data
 
 
@@ -163,21 +301,18 @@ def _format_error(error: dict[str, Any]) -> str:
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    node = dict(raw.get("node", {}))
-    data_dir = Path(node.get("data_dir", "var")).expanduser()
-    node["data_dir"] = data_dir if data_dir.is_absolute() else (base / data_dir).resolve()
     model = dict(raw.get("model", {}))
     bundle = model.get("bundle")
     if isinstance(bundle, str) and ("/" in bundle or bundle.startswith(".")):
         path = Path(bundle).expanduser()
         model["bundle"] = str(path if path.is_absolute() else (base / path).resolve())
-    return {**raw, "node": node, **({"model": model} if model else {})}
+    return {**raw, **({"model": model} if model else {})}
 
 
 def parse_settings(raw: dict[str, Any], base: Path) -> Settings:
     """Validate a parsed TOML document; relative paths resolve against `base`."""
     try:
-        return Settings.model_validate(_resolve_paths(raw, base))
+        return Settings.model_validate(_resolve_paths(raw, base), context={"base": base})
     except ValidationError as exc:
         lines = "\n  ".join(_format_error(e) for e in exc.errors())
         raise ConfigError(f"invalid configuration:\n  {lines}") from exc

@@ -19,6 +19,7 @@ from .bundle import load_bundle
 from .config import Settings
 from .db import make_engine
 from .housekeeping import start_scheduler
+from .observe import MODEL, start_http
 from .infer import Inference
 from .queue import Queue
 from .receive import ReceiveLimits, start_receiver
@@ -85,10 +86,19 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
     """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
     runtime = open_runtime(settings)
     inference = load_inference(settings) if work else None
-    server = scheduler = None
+    server = scheduler = metrics = None
+    checks = {"database": runtime.queue.counts}
+    if inference is not None:
+        identity = inference.identity
+        MODEL.info({"name": identity.name, "version": identity.version,
+                    "device_uid": identity.device_uid, "backbone": identity.backbone})
     if receive:
         server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                 settings.eligibility.rules(), receive_limits(settings))
+        checks["receiver"] = lambda: server.socket.getsockname()
+    port = settings.metrics.port if work else settings.metrics.receiver_port
+    if port:
+        metrics = start_http(settings.metrics.host, port, runtime.queue, checks)
     if work:
         scheduler = start_scheduler(runtime.engine, runtime.store, runtime.queue,
                                     settings.storage.retention_days)
@@ -100,6 +110,8 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
     finally:
         if server is not None:
             server.shutdown()
+        if metrics is not None:
+            metrics.shutdown()
         if scheduler is not None:
             scheduler.shutdown(wait=False)
         runtime.engine.dispose()

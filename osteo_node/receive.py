@@ -20,6 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .config import DicomSettings
 from .eligibility import SCREENED_SOP_CLASSES, EligibilityRules, decide
 from .errors import StoreError
+from .observe import RECEIVED
 from .queue import Queue, Received
 from .store import FileStore
 from .tls import server_context
@@ -62,6 +63,14 @@ def handle_store(
     event: evt.Event, queue: Queue, store: FileStore, rules: EligibilityRules, limits: ReceiveLimits
 ) -> int:
     """EVT_C_STORE: persist, record, answer. Every failure maps to its own status code."""
+    status, outcome = _store(event, queue, store, rules, limits)
+    RECEIVED.labels(outcome).inc()
+    return status
+
+
+def _store(
+    event: evt.Event, queue: Queue, store: FileStore, rules: EligibilityRules, limits: ReceiveLimits
+) -> tuple[int, str]:
     try:
         ds = event.dataset
         transfer_syntax = event.context.transfer_syntax
@@ -70,45 +79,45 @@ def handle_store(
         study_uid = str(ds.get("StudyInstanceUID", ""))
     except Exception as exc:  # pydicom raises many types on corrupt input
         log.warning("C-STORE refused: data set cannot be decoded (%s)", type(exc).__name__)
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, "refused"
     if not sop_uid.is_valid or not sop_class.is_valid:
         log.warning("C-STORE refused: invalid SOP Instance or Class UID")
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, "refused"
     if sop_class != event.context.abstract_syntax:
         log.warning("C-STORE refused: %s: SOP class differs from the presentation context", sop_uid)
-        return DOES_NOT_MATCH_SOP_CLASS
+        return DOES_NOT_MATCH_SOP_CLASS, "refused"
     try:
         problem = _pixel_data_problem(ds, transfer_syntax)
     except Exception as exc:
         log.warning("C-STORE refused: %s: pixel data unreadable (%s)", sop_uid, type(exc).__name__)
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, "refused"
     if problem:
         log.warning("C-STORE refused: %s: %s", sop_uid, problem)
-        return DOES_NOT_MATCH_SOP_CLASS
+        return DOES_NOT_MATCH_SOP_CLASS, "refused"
     if queue.is_known(sop_uid):
         log.info("C-STORE %s: already received; no new job", sop_uid)
-        return SUCCESS
+        return SUCCESS, "duplicate"
     if store.free_bytes() < limits.min_free_bytes:
         log.error("C-STORE refused: %s: free disk below the configured floor", sop_uid)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, "refused"
     try:
         decision = decide(ds, rules)
     except Exception as exc:  # a header value of the wrong type
         log.warning("C-STORE refused: %s: header not usable (%s)", sop_uid, type(exc).__name__)
-        return CANNOT_UNDERSTAND
+        return CANNOT_UNDERSTAND, "refused"
     path, size = "", 0
     if decision.eligible:
         data = event.encoded_dataset()
         size = len(data)
         if size > limits.max_instance_bytes:
             log.warning("C-STORE refused: %s: %d bytes exceeds the instance size limit", sop_uid, size)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "refused"
         path = store.incoming_path(sop_uid)
         try:
             store.write(path, data)
         except StoreError as exc:
             log.error("C-STORE refused: %s: %s", sop_uid, exc)
-            return OUT_OF_RESOURCES
+            return OUT_OF_RESOURCES, "refused"
     received = Received(
         sop_instance_uid=str(sop_uid),
         sop_class_uid=str(sop_class),
@@ -125,13 +134,13 @@ def handle_store(
         log.error("C-STORE refused: %s: database error (%s)", sop_uid, type(exc).__name__)
         if path:
             store.delete(path)
-        return OUT_OF_RESOURCES
+        return OUT_OF_RESOURCES, "refused"
     log.info(
         "C-STORE %s: instance %d %s (%s)%s",
         sop_uid, instance_id, "eligible" if decision.eligible else "not eligible",
         decision.reason, f", job {job_id}" if job_id else "",
     )
-    return SUCCESS
+    return SUCCESS, "eligible" if decision.eligible else "ineligible"
 
 
 def _log_association(event: evt.Event) -> None:

@@ -30,6 +30,7 @@ def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int
         "worker": {"poll_interval_s": 0.2, "lease_s": 4.0, "retry_base_s": 0.5, "retry_max_s": 2.0,
                    "max_attempts": 50},
         "storage": {"min_free_disk_mb": 0},
+        "metrics": {"port": free_port(), "receiver_port": free_port()},
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
@@ -97,6 +98,21 @@ class NodeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+    def http(self, path: str) -> tuple[int, str]:
+        """GET the node's metrics/health endpoint: (status, body)."""
+        import urllib.error
+        import urllib.request
+
+        from osteo_node.config import load_settings
+
+        metrics = load_settings(self.config).metrics
+        port = metrics.receiver_port if self.command == "receive" else metrics.port
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

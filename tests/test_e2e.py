@@ -84,6 +84,16 @@ def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], t
             assert dciodvfy_errors(path) == [], ds.SOPClassUID
             if ds.SOPClassUID == SR_CLASS:
                 check_sr(ds)
+        assert node.http("/healthz") == (200, "ok\n")
+        status, metrics = node.http("/metrics")
+        assert status == 200
+        for line in ('osteo_received_total{outcome="eligible"} 3.0',
+                     'osteo_received_total{outcome="ineligible"} 2.0',
+                     'osteo_sent_total{destination="pacs"} 3.0',
+                     'osteo_queue_jobs{state="done"} 6.0',
+                     'osteo_stage_seconds_count{stage="model"} 3.0'):
+            assert line in metrics, line
+        assert "osteo_model_info{" in metrics and "osteo_processed_total{" in metrics
     finally:
         assert node.stop() == 0
     log = node.log()
