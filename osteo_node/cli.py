@@ -137,6 +137,83 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _web_engine(settings: Settings):  # type: ignore[no-untyped-def]
+    from . import migrate
+    from .db import make_engine
+
+    engine = make_engine(settings.database_url)
+    if migrate.is_empty(engine):
+        migrate.upgrade(engine)
+    return engine
+
+
+def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
+    """Serve the referral worklist; no access log (URLs carry referral ids only, but still)."""
+    import uvicorn
+
+    from .errors import ConfigError
+    from .web import create_app
+
+    web = settings.web
+    for key in ("tls_cert", "tls_key"):
+        path = getattr(web, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"web.{key}: file not found ({path})")
+    if not web.secret_key:
+        log.warning("web.secret_key is empty: using a random key; sessions end when the server stops")
+    log.info("osteo-node %s web on %s://%s:%d; settings: %s", __version__,
+             "https" if web.tls else "http", web.host, web.port, json.dumps(settings.redacted()))
+    app = create_app(settings, engine=_web_engine(settings))
+    uvicorn.run(app, host=web.host, port=web.port, access_log=False, log_config=None,
+                ssl_certfile=str(web.tls_cert) if web.tls_cert else None,
+                ssl_keyfile=str(web.tls_key) if web.tls_key else None,
+                server_header=False, proxy_headers=False)
+    return 0
+
+
+def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
+    """Add, disable or list web accounts; the password is read without echo (or from stdin)."""
+    import getpass
+
+    from . import audit
+    from .db import User
+    from .web.auth import AuthError, add_user
+
+    engine = _web_engine(settings)
+    with Session(engine) as session, session.begin():
+        if args.action == "list":
+            for user in session.scalars(select(User).order_by(User.name)):
+                print(f"{user.name:24} {user.role:12} {'disabled' if user.disabled else 'active'}")
+            return 0
+        if not args.name:
+            print(f"osteo-node user {args.action}: a user name is required", file=sys.stderr)
+            return 2
+        if args.action == "disable":
+            user = session.scalar(select(User).where(User.name == args.name))
+            if user is None:
+                print(f"no user {args.name!r}", file=sys.stderr)
+                return 1
+            user.disabled = True
+            audit.record(session, "cli", "user.disable", "user", args.name)
+            print(f"user {args.name} disabled")
+            return 0
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass(f"password for {args.name}: ")
+            if getpass.getpass("again: ") != password:
+                print("passwords differ", file=sys.stderr)
+                return 2
+        try:
+            add_user(session, args.name, args.role, password)
+        except AuthError as exc:
+            print(f"osteo-node user add: {exc}", file=sys.stderr)
+            return 2
+        audit.record(session, "cli", "user.add", "user", args.name, detail=args.role)
+    print(f"user {args.name} added ({args.role})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osteo-node", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -159,12 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", nargs="?", type=int)
     jobs.add_argument("--state", choices=["queued", "running", "done", "failed"])
     jobs.add_argument("--limit", type=int, default=50)
+    command("web", cmd_web, "the DXA referral worklist web application")
+    user = command("user", cmd_user, "web accounts: add, disable, list")
+    user.add_argument("action", choices=["add", "disable", "list"])
+    user.add_argument("name", nargs="?")
+    user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
+    user.add_argument("--password-stdin", action="store_true",
+                      help="read the password from the first line of stdin (scripts)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "action", None) in ("show", "retry") and args.job_id is None:
+    if args.command == "jobs" and args.action in ("show", "retry") and args.job_id is None:
         print(f"osteo-node jobs {args.action}: a job id is required", file=sys.stderr)
         return 2
     try:

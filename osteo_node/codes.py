@@ -136,3 +136,9 @@ def structure_code(name: str) -> Code:
 def concept(code: Code) -> CodedConcept:
     """The highdicom form of a pydicom `Code` (for comparisons with values read back)."""
     return CodedConcept.from_code(code)
+
+# --- DXA referral (FHIR ServiceRequest.code, osteo_node.worklist) ------------------------------
+#: The requested procedure of a referral. Verify both against the LOINC and SNOMED CT releases
+#: used by the receiving system before a clinical release.
+DXA_LOINC = Code("38269-7", "LN", "DXA Bone density")
+DXA_SNOMED = Code("312681000", "SCT", "Bone density scan")

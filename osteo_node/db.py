@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -104,6 +105,116 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID)
     sc_sop_instance_uid: Mapped[str] = mapped_column(UID)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Referral(Base):
+    """A patient put on the DXA referral worklist by a screening result (osteo_node.refer).
+
+    The only table that holds patient identifiers (name, ID, birth date, accession number).
+    Status changes only through osteo_node.worklist; each change is a ReferralEvent.
+    """
+
+    __tablename__ = "referrals"
+    __table_args__ = (
+        Index("ix_referrals_patient", "patient_id", "issuer_of_patient_id"),
+        Index("ix_referrals_status_created", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    risk_category: Mapped[str] = mapped_column(String(16))
+    rule: Mapped[str] = mapped_column(String(32))
+    # --- patient and study, copied from the source image's header ---
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    birth_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    age: Mapped[float | None] = mapped_column(Float, nullable=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, default="")
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
+    # --- what caused it: probabilities, model, thresholds ---
+    p_normal: Mapped[float] = mapped_column(Float)
+    p_osteopenia: Mapped[float] = mapped_column(Float)
+    p_osteoporosis: Mapped[float] = mapped_column(Float)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    device_uid: Mapped[str] = mapped_column(UID)
+    osteoporosis_threshold: Mapped[float] = mapped_column(Float)
+    low_bmd_threshold: Mapped[float] = mapped_column(Float)
+    # --- DXA result, entered by a coordinator ---
+    dxa_t_lumbar_spine: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dxa_t_femoral_neck: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dxa_t_total_hip: Mapped[float | None] = mapped_column(Float, nullable=True)
+    dxa_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ReferralEvent(Base):
+    """One line of a referral's history: created, a study attached, a status change, a DXA entry."""
+
+    __tablename__ = "referral_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    referral_id: Mapped[int] = mapped_column(ForeignKey("referrals.id"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    to_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: For `attached` and `created`: the image that caused the event (no patient data).
+    sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True, index=True)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"), nullable=True)
+
+
+class User(Base):
+    """A local account of the web application; the password is stored as an argon2 hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class WebSession(Base):
+    """A signed-in browser. The cookie carries a random token; only its SHA-256 is stored here."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime)
+
+
+class AuditEvent(Base):
+    """The security audit trail: who did what to which object, and whether it was allowed.
+
+    Details never carry patient names or IDs: objects are named by their ids.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_object", "object_type", "object_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(32), default="")
+    object_id: Mapped[str] = mapped_column(String(64), default="")
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str] = mapped_column(Text, default="")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -22,8 +22,10 @@ from .db import Instance, Result
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
+from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import screen
 from .queue import INFER, SEND, JobRecord, Queue, RetryPolicy
+from .refer import refer_after_inference
 from .send import send_files
 from .store import FileStore
 
@@ -75,12 +77,15 @@ class Worker:
             else:
                 self._send(job)
         except (ImageError, JobError, FileNotFoundError) as exc:
+            FAILED.labels(job.kind).inc()
             self.queue.fail(job, str(exc), self.policy, permanent=True)
             log.error("job %d failed permanently: %s", job.id, exc)
         except SendError as exc:
+            FAILED.labels(job.kind).inc()
             state = self.queue.fail(job, str(exc), self.policy)
             log.warning("job %d: %s (now %s)", job.id, exc, state)
         except Exception as exc:  # an unexpected bug or outage: retry with backoff, keep the trace
+            FAILED.labels(job.kind).inc()
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", self.policy)
             log.exception("job %d failed (now %s)", job.id, state)
         return True
@@ -114,9 +119,16 @@ class Worker:
             sc_sop_instance_uid=str(result.sc.SOPInstanceUID),
         )
         if self.queue.complete_infer(job, row, self.destinations):
+            for stage, seconds in result.seconds.items():
+                STAGE_SECONDS.labels(stage).observe(seconds)
+            PROCESSED.labels(result.prediction.category).inc()
             timing = " ".join(f"{k}={v:.3f}s" for k, v in result.seconds.items())
             log.info("job %d: instance %s -> %s (%s)", job.id, source_uid,
-                     result.prediction.category, timing)
+                     result.prediction.category, timing,
+                     extra={"job_id": job.id, "sop_instance_uid": source_uid})
+            if self.settings.referral.enabled:
+                refer_after_inference(self.queue.engine, self.settings.referral.policy(),
+                                      self.store.absolute(relative), job.instance_id, model.device_uid)
 
     def _send(self, job: JobRecord) -> None:
         destination = self.destinations.get(job.destination)
@@ -130,7 +142,9 @@ class Worker:
                 raise JobError(f"instance {job.instance_id} has no result to send")
             files = {"sr": result.sr_path, "sc": result.sc_path}
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
-        send_files(destination, paths, self.settings.dicom.ae_title)
+        with STAGE_SECONDS.labels("send").time():
+            send_files(destination, paths, self.settings.dicom.ae_title)
         self.queue.complete(job)
+        SENT.labels(destination.name).inc()
         log.info("job %d: results of instance %d delivered to %s", job.id, job.instance_id,
                  destination.name)

@@ -1,0 +1,270 @@
+"""Refer: put a patient whose radiograph screens high-risk on the DXA referral worklist.
+
+Policy (`[referral]` in the configuration), applied to each recorded result:
+
+* Risk: P(osteoporosis) >= `osteoporosis_threshold` (rule "osteoporosis"), otherwise
+  P(osteopenia) + P(osteoporosis) >= `low_bmd_threshold` (rule "low_bmd"). Comparisons allow a
+  1e-9 tolerance so that probabilities summing to a threshold in exact arithmetic count as reaching it.
+* Age: at least `min_age` and, when set, at most `max_age` years at the study (PatientAge, else
+  birth date vs study date). Unknown age: referred only when `allow_unknown_age`.
+* One open referral (new, contacted, scheduled) per patient (PatientID + IssuerOfPatientID): a
+  further high-risk image of that patient while one is open is attached to it as a history event.
+* Repeat window: no new referral for a patient referred (any status except dismissed) or scanned
+  (DXA date entered) within `repeat_window_days` before now.
+
+The decision functions are pure; `refer()` applies them in one transaction; `refer_after_inference()`
+is what the worker calls. Logs name the referral id and SOP Instance UID, never the patient.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import or_, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from . import audit
+from .db import Referral, ReferralEvent, Result, utcnow
+from .eligibility import patient_age_years
+
+log = logging.getLogger(__name__)
+
+#: The system actor recorded on referrals the node creates.
+NODE_ACTOR = "osteo-node"
+
+NEW, CONTACTED, SCHEDULED, COMPLETED, DECLINED, DISMISSED = (
+    "new", "contacted", "scheduled", "completed", "declined", "dismissed")
+STATUSES: tuple[str, ...] = (NEW, CONTACTED, SCHEDULED, COMPLETED, DECLINED, DISMISSED)
+OPEN_STATUSES: tuple[str, ...] = (NEW, CONTACTED, SCHEDULED)
+
+RULE_OSTEOPOROSIS, RULE_LOW_BMD = "osteoporosis", "low_bmd"
+_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class ReferralPolicy:
+    """The `[referral]` section of the configuration (without `enabled`)."""
+
+    osteoporosis_threshold: float = 0.5
+    low_bmd_threshold: float = 0.8
+    min_age: int = 50
+    max_age: int | None = None
+    allow_unknown_age: bool = False
+    repeat_window_days: int = 730
+
+
+@dataclass(frozen=True)
+class PatientStudy:
+    """Patient and study identifiers copied from the source image's header."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    birth_date: dt.date | None
+    sex: str
+    age: float | None
+    accession_number: str
+    study_date: dt.date | None
+    study_instance_uid: str
+    sop_instance_uid: str
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> "PatientStudy":
+        def text_of(keyword: str) -> str:
+            value = ds.get(keyword, "")
+            return str(value).strip() if value is not None else ""
+
+        return cls(
+            patient_id=text_of("PatientID")[:64],
+            issuer_of_patient_id=text_of("IssuerOfPatientID")[:64],
+            patient_name=text_of("PatientName")[:324],
+            birth_date=_date(text_of("PatientBirthDate")),
+            sex=text_of("PatientSex")[:16],
+            age=patient_age_years(ds),
+            accession_number=text_of("AccessionNumber")[:64],
+            study_date=_date(text_of("StudyDate")),
+            study_instance_uid=text_of("StudyInstanceUID"),
+            sop_instance_uid=text_of("SOPInstanceUID"),
+        )
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """Whether one result qualifies for a referral, by which rule, and why (no patient data)."""
+
+    refer: bool
+    rule: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `refer()` did: created, attached (to an open referral) or none; and the referral id."""
+
+    action: str
+    referral_id: int | None
+    reason: str
+
+
+def _date(value: str) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(value[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def risk_rule(p_osteopenia: float, p_osteoporosis: float, policy: ReferralPolicy) -> str | None:
+    """The rule that fires for these probabilities, or None (osteoporosis rule first)."""
+    if p_osteoporosis >= policy.osteoporosis_threshold - _TOLERANCE:
+        return RULE_OSTEOPOROSIS
+    if p_osteopenia + p_osteoporosis >= policy.low_bmd_threshold - _TOLERANCE:
+        return RULE_LOW_BMD
+    return None
+
+
+def age_allowed(age: float | None, policy: ReferralPolicy) -> tuple[bool, str]:
+    """Whether a patient of `age` years (None: unknown) may be referred, and why not."""
+    if age is None:
+        return policy.allow_unknown_age, "age unknown"
+    if age < policy.min_age:
+        return False, f"age {age:.1f} below referral.min_age {policy.min_age}"
+    if policy.max_age is not None and age > policy.max_age:
+        return False, f"age {age:.1f} above referral.max_age {policy.max_age}"
+    return True, "age within range"
+
+
+def assess(p_osteopenia: float, p_osteoporosis: float, age: float | None,
+           policy: ReferralPolicy) -> Assessment:
+    """Apply the risk and age rules to one result."""
+    rule = risk_rule(p_osteopenia, p_osteoporosis, policy)
+    if rule is None:
+        return Assessment(False, None, "below both referral thresholds")
+    allowed, why = age_allowed(age, policy)
+    if not allowed:
+        return Assessment(False, rule, why)
+    return Assessment(True, rule, f"rule {rule} fired")
+
+
+def _lock_patient(session: Session, study: PatientStudy) -> None:
+    """Serialise referral decisions for one patient across workers (PostgreSQL advisory lock;
+    SQLite transactions are already exclusive, see db.py)."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    digest = hashlib.sha256(f"{study.issuer_of_patient_id}|{study.patient_id}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def _same_patient(study: PatientStudy):  # type: ignore[no-untyped-def]
+    return (Referral.patient_id == study.patient_id) & (
+        Referral.issuer_of_patient_id == study.issuer_of_patient_id)
+
+
+def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: Result,
+          *, now: dt.datetime | None = None) -> Outcome:
+    """Create a referral for `result`, attach it to the patient's open one, or do nothing.
+
+    Idempotent per image: a result whose SOP Instance UID already created or joined a referral
+    changes nothing (a retried job).
+    """
+    now = now or utcnow()
+    assessment = assess(result.p_osteopenia, result.p_osteoporosis, study.age, policy)
+    if not assessment.refer:
+        return Outcome("none", None, assessment.reason)
+    with Session(engine) as session, session.begin():
+        if study.patient_id:
+            _lock_patient(session, study)
+        seen = session.scalar(select(ReferralEvent.referral_id).where(
+            ReferralEvent.sop_instance_uid == study.sop_instance_uid,
+            ReferralEvent.kind.in_(("created", "attached"))))
+        if seen is not None:
+            return Outcome("none", seen, "image already on a referral")
+        if study.patient_id:
+            open_one = session.scalars(
+                select(Referral).where(_same_patient(study), Referral.status.in_(OPEN_STATUSES))
+                .order_by(Referral.id)
+            ).first()
+            if open_one is not None:
+                open_one.updated_at = now
+                session.add(ReferralEvent(
+                    referral_id=open_one.id, at=now, actor=NODE_ACTOR, kind="attached",
+                    reason=f"repeat study, rule {assessment.rule} fired "
+                           f"(P(osteoporosis)={result.p_osteoporosis:.3f}, "
+                           f"P(low BMD)={result.p_osteopenia + result.p_osteoporosis:.3f})",
+                    sop_instance_uid=study.sop_instance_uid, result_id=result.id))
+                return Outcome("attached", open_one.id, "patient has an open referral")
+            window_start = now - dt.timedelta(days=policy.repeat_window_days)
+            recent = session.scalars(
+                select(Referral).where(
+                    _same_patient(study),
+                    or_(
+                        (Referral.status != DISMISSED) & (Referral.created_at > window_start),
+                        Referral.dxa_date > window_start.date(),
+                    ),
+                ).order_by(Referral.id.desc())
+            ).first()
+            if recent is not None:
+                return Outcome("none", recent.id,
+                               f"patient referred or scanned within {policy.repeat_window_days} days")
+        referral = Referral(
+            status=NEW, risk_category=result.category, rule=assessment.rule or "",
+            patient_id=study.patient_id, issuer_of_patient_id=study.issuer_of_patient_id,
+            patient_name=study.patient_name, birth_date=study.birth_date, sex=study.sex,
+            age=study.age, accession_number=study.accession_number, study_date=study.study_date,
+            study_instance_uid=study.study_instance_uid, sop_instance_uid=study.sop_instance_uid,
+            result_id=result.id, p_normal=result.p_normal, p_osteopenia=result.p_osteopenia,
+            p_osteoporosis=result.p_osteoporosis, model_name=result.model_name,
+            model_version=result.model_version, device_uid=result.device_uid,
+            osteoporosis_threshold=policy.osteoporosis_threshold,
+            low_bmd_threshold=policy.low_bmd_threshold, created_at=now, updated_at=now,
+        )
+        session.add(referral)
+        session.flush()
+        session.add(ReferralEvent(
+            referral_id=referral.id, at=now, actor=NODE_ACTOR, kind="created", to_status=NEW,
+            reason=assessment.reason, sop_instance_uid=study.sop_instance_uid, result_id=result.id))
+        audit.record(session, NODE_ACTOR, "referral.create", "referral", referral.id,
+                     detail=f"rule {assessment.rule}; result {result.id}")
+        return Outcome("created", referral.id, assessment.reason)
+
+
+def refer_after_inference(engine: Engine, policy: ReferralPolicy, source: Path, instance_id: int,
+                          device_uid: str) -> Outcome | None:
+    """The worker's call once a result is recorded: read the source header, then `refer()`.
+
+    Never raises: the result is already recorded and sent whatever happens here. A failure is
+    logged (exception type only: database errors can quote patient data) and audited.
+    """
+    try:
+        with Session(engine) as session:
+            result = session.scalars(select(Result).where(
+                Result.instance_id == instance_id, Result.device_uid == device_uid)).first()
+            if result is None:
+                log.error("instance %d: no result for Device UID %s; not referred", instance_id,
+                          device_uid)
+                return None
+            session.expunge(result)
+        study = PatientStudy.from_dataset(dcmread(source, stop_before_pixels=True))
+        outcome = refer(engine, policy, study, result)
+    except Exception as exc:  # noqa: BLE001 - logged and audited; the message may hold patient data
+        log.error("instance %d: referral step failed (%s)", instance_id, type(exc).__name__)
+        try:
+            audit.record(engine, NODE_ACTOR, "referral.create", "instance", instance_id,
+                         audit.FAILURE, type(exc).__name__)
+        except Exception as second:  # noqa: BLE001
+            log.error("instance %d: audit of the failure failed too (%s)", instance_id,
+                      type(second).__name__)
+        return None
+    if outcome.action != "none":
+        log.info("referral %s %s for SOP Instance %s", outcome.referral_id, outcome.action,
+                 study.sop_instance_uid)
+    else:
+        log.debug("SOP Instance %s not referred: %s", study.sop_instance_uid, outcome.reason)
+    return outcome
