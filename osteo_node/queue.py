@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
-INFER, SEND = "infer", "send"
+INFER, SEND, REFER = "infer", "send", "refer"
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class Queue:
                 raise
             return existing, None
 
-    def claim(self, worker: str, lease_s: float, kinds: Iterable[str] = (INFER, SEND)) -> JobRecord | None:
+    def claim(self, worker: str, lease_s: float, kinds: Iterable[str] = (INFER, SEND, REFER)) -> JobRecord | None:
         """Lease the next due job (or one whose lease expired) to `worker`."""
         now = utcnow()
         candidate = (
@@ -165,8 +165,11 @@ class Queue:
             return False
         return True
 
-    def complete_infer(self, job: JobRecord, result: Result, destinations: Iterable[str]) -> bool:
-        """Record the result, mark the infer job done and queue one send job per destination."""
+    def complete_infer(
+        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False
+    ) -> bool:
+        """Record the result, mark the infer job done, queue one send job per destination and,
+        when `refer`, a refer job (the referral decision), all in one transaction."""
         with Session(self.engine) as session, session.begin():
             if not self._finish(session, job, state=DONE, finished_at=utcnow(), last_error=None):
                 session.rollback()
@@ -178,14 +181,15 @@ class Queue:
             )
             if existing is None:
                 session.add(result)
-            for name in destinations:
+            follow_ups = [(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
+            for kind, name in follow_ups:
                 known = session.scalar(
                     select(Job.id).where(
-                        Job.instance_id == job.instance_id, Job.kind == SEND, Job.destination == name
+                        Job.instance_id == job.instance_id, Job.kind == kind, Job.destination == name
                     )
                 )
                 if known is None:
-                    session.add(Job(kind=SEND, instance_id=job.instance_id, destination=name, state=QUEUED))
+                    session.add(Job(kind=kind, instance_id=job.instance_id, destination=name, state=QUEUED))
         return True
 
     def complete(self, job: JobRecord) -> bool:

@@ -12,8 +12,9 @@ Policy (`[referral]` in the configuration), applied to each recorded result:
 * Repeat window: no new referral for a patient referred (any status except dismissed) or scanned
   (DXA date entered) within `repeat_window_days` before now.
 
-The decision functions are pure; `refer()` applies them in one transaction; `refer_after_inference()`
-is what the worker calls. Logs name the referral id and SOP Instance UID, never the patient.
+The decision functions are pure; `refer()` applies them in one transaction. The worker calls it
+from a durable `refer` job, queued with the result, so a decision is never lost to a crash.
+Logs name the referral id and SOP Instance UID, never the patient.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ import datetime as dt
 import hashlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import or_, select, text
 from sqlalchemy.engine import Engine
@@ -233,38 +232,3 @@ def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: R
         audit.record(session, NODE_ACTOR, "referral.create", "referral", referral.id,
                      detail=f"rule {assessment.rule}; result {result.id}")
         return Outcome("created", referral.id, assessment.reason)
-
-
-def refer_after_inference(engine: Engine, policy: ReferralPolicy, source: Path, instance_id: int,
-                          device_uid: str) -> Outcome | None:
-    """The worker's call once a result is recorded: read the source header, then `refer()`.
-
-    Never raises: the result is already recorded and sent whatever happens here. A failure is
-    logged (exception type only: database errors can quote patient data) and audited.
-    """
-    try:
-        with Session(engine) as session:
-            result = session.scalars(select(Result).where(
-                Result.instance_id == instance_id, Result.device_uid == device_uid)).first()
-            if result is None:
-                log.error("instance %d: no result for Device UID %s; not referred", instance_id,
-                          device_uid)
-                return None
-            session.expunge(result)
-        study = PatientStudy.from_dataset(dcmread(source, stop_before_pixels=True))
-        outcome = refer(engine, policy, study, result)
-    except Exception as exc:  # noqa: BLE001 - logged and audited; the message may hold patient data
-        log.error("instance %d: referral step failed (%s)", instance_id, type(exc).__name__)
-        try:
-            audit.record(engine, NODE_ACTOR, "referral.create", "instance", instance_id,
-                         audit.FAILURE, type(exc).__name__)
-        except Exception as second:  # noqa: BLE001
-            log.error("instance %d: audit of the failure failed too (%s)", instance_id,
-                      type(second).__name__)
-        return None
-    if outcome.action != "none":
-        log.info("referral %s %s for SOP Instance %s", outcome.referral_id, outcome.action,
-                 study.sop_instance_uid)
-    else:
-        log.debug("SOP Instance %s not referred: %s", study.sop_instance_uid, outcome.reason)
-    return outcome

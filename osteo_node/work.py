@@ -14,6 +14,7 @@ import socket
 import threading
 import uuid
 
+from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -24,8 +25,8 @@ from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import screen
-from .queue import INFER, SEND, JobRecord, Queue, RetryPolicy
-from .refer import refer_after_inference
+from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
+from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
 
@@ -47,7 +48,7 @@ class Worker:
         self.store = store
         self.inference = inference
         self.name = worker_name()
-        self.kinds = (INFER, SEND) if inference is not None else (SEND,)
+        self.kinds = (INFER, SEND, REFER) if inference is not None else (SEND, REFER)
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_s, w.retry_max_s)
         self.destinations = {d.name: d for d in settings.destinations}
@@ -74,8 +75,10 @@ class Worker:
         try:
             if job.kind == INFER:
                 self._infer(job)
-            else:
+            elif job.kind == SEND:
                 self._send(job)
+            else:
+                self._refer(job)
         except (ImageError, JobError, FileNotFoundError) as exc:
             FAILED.labels(job.kind).inc()
             self.queue.fail(job, str(exc), self.policy, permanent=True)
@@ -118,7 +121,8 @@ class Worker:
             sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
             sc_sop_instance_uid=str(result.sc.SOPInstanceUID),
         )
-        if self.queue.complete_infer(job, row, self.destinations):
+        if self.queue.complete_infer(job, row, self.destinations,
+                                     refer=self.settings.referral.enabled):
             for stage, seconds in result.seconds.items():
                 STAGE_SECONDS.labels(stage).observe(seconds)
             PROCESSED.labels(result.prediction.category).inc()
@@ -126,21 +130,42 @@ class Worker:
             log.info("job %d: instance %s -> %s (%s)", job.id, source_uid,
                      result.prediction.category, timing,
                      extra={"job_id": job.id, "sop_instance_uid": source_uid})
-            if self.settings.referral.enabled:
-                refer_after_inference(self.queue.engine, self.settings.referral.policy(),
-                                      self.store.absolute(relative), job.instance_id, model.device_uid)
+
+    def _latest_result(self, instance_id: int) -> Result:
+        with Session(self.queue.engine) as session:
+            result = session.scalars(
+                select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
+            ).first()
+            if result is None:
+                raise JobError(f"instance {instance_id} has no result")
+            session.expunge(result)
+            return result
+
+    def _refer(self, job: JobRecord) -> None:
+        """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
+        result = self._latest_result(job.instance_id)
+        with Session(self.queue.engine) as session:
+            instance = session.get(Instance, job.instance_id)
+            relative = instance.path if instance is not None else ""
+        if not relative:
+            raise JobError(f"instance {job.instance_id} has no stored file")
+        header = dcmread(self.store.absolute(relative), stop_before_pixels=True)
+        try:
+            outcome = refer(self.queue.engine, self.settings.referral.policy(),
+                            PatientStudy.from_dataset(header), result)
+        except Exception as exc:
+            # Database errors quote their parameters, here patient data: keep only the type.
+            raise RuntimeError(f"referral step failed ({type(exc).__name__})") from None
+        self.queue.complete(job)
+        log.info("job %d: referral decision for instance %d: %s%s", job.id, job.instance_id,
+                 outcome.action, f" (referral {outcome.referral_id})" if outcome.referral_id else "")
 
     def _send(self, job: JobRecord) -> None:
         destination = self.destinations.get(job.destination)
         if destination is None:
             raise JobError(f"destination {job.destination!r} is no longer configured")
-        with Session(self.queue.engine) as session:
-            result = session.scalars(
-                select(Result).where(Result.instance_id == job.instance_id).order_by(Result.id.desc())
-            ).first()
-            if result is None:
-                raise JobError(f"instance {job.instance_id} has no result to send")
-            files = {"sr": result.sr_path, "sc": result.sc_path}
+        result = self._latest_result(job.instance_id)
+        files = {"sr": result.sr_path, "sc": result.sc_path}
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
         with STAGE_SECONDS.labels("send").time():
             send_files(destination, paths, self.settings.dicom.ae_title)

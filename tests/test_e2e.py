@@ -71,7 +71,7 @@ def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], t
         routed = pacs.route_to_node(pacs.upload(woman))
         assert routed.get("FailedInstancesCount", 0) == 0, routed
         eligible = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (chest, chest_j2k, woman)}
-        wait_for(lambda: jobs_done(database_url, 6), 240, "3 infer + 3 send jobs done")
+        wait_for(lambda: jobs_done(database_url, 9), 240, "3 infer, 3 send and 3 refer jobs done")
         by_source = results_by_source(pacs)
         assert set(by_source) == eligible, node.log()[-3000:]
         assert all(c == Counter({"sr": 1, "sc": 1}) for c in by_source.values())
@@ -90,7 +90,7 @@ def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], t
         for line in ('osteo_received_total{outcome="eligible"} 3.0',
                      'osteo_received_total{outcome="ineligible"} 2.0',
                      'osteo_sent_total{destination="pacs"} 3.0',
-                     'osteo_queue_jobs{state="done"} 6.0',
+                     'osteo_queue_jobs{state="done"} 9.0',
                      'osteo_stage_seconds_count{stage="model"} 3.0'):
             assert line in metrics, line
         assert "osteo_model_info{" in metrics and "osteo_processed_total{" in metrics
@@ -141,7 +141,7 @@ def test_worker_killed_mid_job_completes_after_restart_without_duplicates(
         (job,) = jobs(database_url)
         assert job.state == "running"
         worker = NodeProcess(config, "work").start(wait_for_echo=False)
-        wait_for(lambda: jobs_done(database_url, 2), 180, "infer + send done after restart")
+        wait_for(lambda: jobs_done(database_url, 3), 180, "infer, send, refer done after restart")
         infer = jobs(database_url)[0]
         assert infer.attempts == 2  # the killed attempt, then the one that finished
         assert results_by_source(pacs) == {str(dcmread(chest).SOPInstanceUID): Counter(sr=1, sc=1)}
@@ -155,7 +155,7 @@ def test_worker_killed_mid_job_completes_after_restart_without_duplicates(
         with Session(engine) as session, session.begin():
             session.execute(update(Job).where(Job.kind == "send").values(state="queued"))
         engine.dispose()
-        wait_for(lambda: jobs_done(database_url, 2), 60, "the repeated send")
+        wait_for(lambda: jobs_done(database_url, 3), 60, "the repeated send")
         assert len(pacs.get("/instances")) == 2
     finally:
         worker.stop()
@@ -173,7 +173,7 @@ def test_results_wait_for_a_pacs_that_is_down(stack: tuple[Orthanc, Path], datab
         (send,) = [j for j in jobs(database_url) if j.kind == "send"]
         assert "association rejected or no answer" in (send.last_error or "")
         pacs.start()
-        wait_for(lambda: jobs_done(database_url, 2), 120, "delivery once the PACS is back")
+        wait_for(lambda: jobs_done(database_url, 3), 120, "delivery once the PACS is back")
         assert results_by_source(pacs) == {str(dcmread(chest).SOPInstanceUID): Counter(sr=1, sc=1)}
     finally:
         node.stop()

@@ -91,7 +91,9 @@ def screen_one_image(settings: Settings, tmp_path: Path) -> str:
                                            str(ds.StudyInstanceUID), relative, source.stat().st_size,
                                            "TEST", True, "eligible"))
     worker = Worker(settings, runtime.queue, runtime.store, load_inference(settings))
-    assert worker.run_once()
+    assert worker.run_once()  # infer; then the follow-ups it queued (refer; send fails: no PACS)
+    while worker.run_once():
+        pass
     runtime.engine.dispose()
     return str(ds.PatientID)
 
