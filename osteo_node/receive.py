@@ -17,6 +17,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from . import audit
 from .config import DicomSettings
 from .eligibility import SCREENED_SOP_CLASSES, EligibilityRules, decide
 from .errors import StoreError
@@ -143,12 +144,19 @@ def _store(
     return SUCCESS, "eligible" if decision.eligible else "ineligible"
 
 
-def _log_association(event: evt.Event) -> None:
+def _audit_association(event: evt.Event, queue: Queue) -> None:
+    """Log and audit an association accepted or refused (PS3.15 A.5.3.1 Network Entry analogue)."""
     requestor = event.assoc.requestor
-    log.info(
-        "association %s from %s (%s:%s)",
-        event.name.removeprefix("EVT_").lower(), requestor.ae_title, requestor.address, requestor.port,
-    )
+    accepted = event.event == evt.EVT_ACCEPTED
+    log.info("association %s from %s (%s:%s)", "accepted" if accepted else "refused",
+             requestor.ae_title, requestor.address, requestor.port)
+    try:
+        audit.record(queue.engine, requestor.ae_title or "?", "association",
+                     "peer", f"{requestor.address}:{requestor.port}",
+                     audit.SUCCESS if accepted else audit.DENIED,
+                     f"called AE {event.assoc.acceptor.ae_title}")
+    except Exception as exc:  # the audit trail must not take the receiver down
+        log.error("audit of an association failed: %s", type(exc).__name__)
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -174,8 +182,8 @@ def start_receiver(
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [queue, store, rules, limits]),
-        (evt.EVT_ACCEPTED, _log_association),
-        (evt.EVT_REJECTED, _log_association),
+        (evt.EVT_ACCEPTED, _audit_association, [queue]),
+        (evt.EVT_REJECTED, _audit_association, [queue]),
     ]
     ssl_context = server_context(settings.tls) if settings.tls is not None else None
     server = ae.start_server(

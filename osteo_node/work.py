@@ -18,6 +18,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from . import audit
 from .config import Settings
 from .db import Instance, Result
 from .encode import to_bytes
@@ -171,5 +172,8 @@ class Worker:
             send_files(destination, paths, self.settings.dicom.ae_title)
         self.queue.complete(job)
         SENT.labels(destination.name).inc()
+        audit.record(self.queue.engine, self.name, "results.send", "instance", job.instance_id,
+                     detail=f"to {destination.name} ({destination.ae_title}@{destination.host}:"
+                            f"{destination.port})")
         log.info("job %d: results of instance %d delivered to %s", job.id, job.instance_id,
                  destination.name)

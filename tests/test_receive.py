@@ -129,3 +129,30 @@ def test_calling_ae_allow_list(database_url: str, tmp_path: Path) -> None:
         assert storescu(node.port, Path(get_testdata_file("RG1_UNCR.dcm")), calling="INTRUDER") != ["Success"]
         assert not echoscu(node.port, called="WRONG_AE", calling="MODALITY1")
         assert node.instances() == {}
+
+
+def test_associations_are_audited(database_url: str, tmp_path: Path) -> None:
+    from osteo_node.db import AuditEvent
+
+    for node in start(database_url, tmp_path, allowed_calling_aes=("MODALITY1",)):
+        assert echoscu(node.port, calling="MODALITY1")
+        assert not echoscu(node.port, calling="INTRUDER")
+        with Session(node.queue.engine) as session:
+            events = session.scalars(select(AuditEvent).where(AuditEvent.action == "association")).all()
+        assert sorted((e.actor, e.outcome) for e in events) == [("INTRUDER", "denied"), ("MODALITY1", "success")]
+
+
+def test_disk_floor_refuses_with_out_of_resources(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+    migrate.upgrade(engine)
+    port = free_port()
+    queue, store = Queue(engine), FileStore(tmp_path / "store")
+    limits = ReceiveLimits(min_free_bytes=store.free_bytes() + (1 << 40))  # always below the floor
+    server = start_receiver(DicomSettings(port=port), queue, store, EligibilityRules(), limits)
+    try:
+        status = storescu(port, Path(get_testdata_file("RG1_UNCR.dcm")))
+        assert status[0].startswith("Refused: OutOfResources") or "A700" in status[0], status
+        assert queue.counts()["queued"] == 0 and echoscu(port)
+    finally:
+        server.shutdown()
+        engine.dispose()
