@@ -12,7 +12,9 @@ Manifest keys: format, name, version, device_uid (a new DICOM UID at every expor
 whenever the weights change), created (UTC ISO 8601), backbone (family), spec (ModelSpec fields;
 spec.source is "backbone/" when the backbone is inside the bundle, otherwise a hub id or path),
 input_size, mean, std, class_names, thresholds, intended_use, clinical_use, manufacturer,
-data_summary, software_version, files ({relative path: sha256}).
+data_summary, software_version, files ({relative path: sha256}). Optional: temperature (T > 0 fitted
+on validation data; the node reports softmax(logits / T); absent means 1), threshold_target (how the
+thresholds were chosen, e.g. {"metric": "sensitivity", "value": 0.9, "split": "val"}).
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class LoadedBundle:
     classifier: Classifier
     device: str
 
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by this before the softmax (1.0 when the manifest has none)."""
+        return float(self.manifest.get("temperature", 1.0) or 1.0)
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -107,6 +114,8 @@ def export_bundle(
     model_card_md: str | None = None,
     manufacturer: str = "osteo-node project",
     embed_backbone: bool = True,
+    temperature: float | None = None,
+    threshold_target: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `classifier` as a bundle into `out_dir` (replaced if it exists) and return the path.
 
@@ -118,6 +127,8 @@ def export_bundle(
     for key, value in thresholds.items():
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"threshold {key!r} must be in [0, 1], got {value!r}")
+    if temperature is not None and not (0.0 < float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     if not embed_backbone and spec.method == "partial":
         raise ValueError("embed_backbone=False is not allowed for method 'partial' (weights changed)")
     out = Path(out_dir)
@@ -166,6 +177,10 @@ def export_bundle(
         "software_version": __version__,
         "files": files,
     }
+    if temperature is not None:
+        manifest["temperature"] = float(temperature)
+    if threshold_target is not None:
+        manifest["threshold_target"] = dict(threshold_target)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)

@@ -5,6 +5,7 @@ Each test runs on SQLite and again on PostgreSQL.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,8 +57,11 @@ def results_by_source(pacs: Orthanc) -> dict[str, Counter[str]]:
 
 
 def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], tmp_path: Path,
-                                                  database_url: str) -> None:
+                                                  database_url: str, e2e_bundle: str) -> None:
     pacs, config = stack
+    config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle,
+                          pacs_port=pacs.dicom_port, dicom={"port": pacs.node_port},
+                          node={"log_format": "json"})
     pacs.start()
     node = NodeProcess(config).start()
     try:
@@ -97,7 +101,13 @@ def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], t
     finally:
         assert node.stop() == 0
     log = node.log()
-    assert "CompressedSamples^RG1" not in log and "9RG1" not in log  # no patient name or ID
+    patients = [dcmread(p, stop_before_pixels=True) for p in (chest, tibia, man, woman)]
+    for ds in patients:  # no patient name or ID anywhere in a full run's log
+        assert str(ds.PatientName) not in log and str(ds.PatientID) not in log, ds.PatientID
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    results = [r for r in records if "job_id" in r]
+    assert len(results) == 3 and {r["sop_instance_uid"] for r in results} == eligible
+    assert all(r["levelname"] and r["name"].startswith("osteo_node") for r in results)
 
 
 def check_sr(ds: object) -> None:

@@ -10,7 +10,7 @@ import csv
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +26,9 @@ from osteo_node.records import CLASS_NAMES, category_from_t_score
 logger = logging.getLogger(__name__)
 
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
-REQUIRED_COLUMNS = ("file", "patient_id", "class", "view", "split")
+REQUIRED_COLUMNS = ("file", "patient_id", "class", "view")
+#: Shares of patients per split when the manifest has no split column (or leaves it empty).
+DEFAULT_SPLIT_SHARES: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -40,10 +42,16 @@ class Row:
     t_score: float | None
     view: str
     split: str  # train, val or test
+    age: float | None = None  # years, from the optional "age" column
 
 
-def read_manifest(manifest: str | Path, *, frontal_only: bool = True) -> list[Row]:
-    """Rows of a manifest CSV (paths relative to the manifest's folder); lateral views dropped."""
+def read_manifest(manifest: str | Path, *, frontal_only: bool = True, split_seed: int = 0) -> list[Row]:
+    """Rows of a manifest CSV (paths relative to the manifest's folder); lateral views dropped.
+
+    Without a split column (or with every split cell empty) patients are assigned to
+    train/val/test by `assign_patient_splits(rows, split_seed)`: deterministic, and a patient's
+    images always share one split. A column with some cells empty is refused.
+    """
     manifest = Path(manifest)
     base = manifest.parent
     rows: list[Row] = []
@@ -52,23 +60,61 @@ def read_manifest(manifest: str | Path, *, frontal_only: bool = True) -> list[Ro
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"manifest {manifest} lacks columns {missing} (has {reader.fieldnames})")
-        for n, rec in enumerate(reader, start=2):
-            view = (rec.get("view") or "").strip().upper()
-            if frontal_only and view not in FRONTAL_VIEWS:
-                continue
-            split = SPLIT_ALIASES.get((rec.get("split") or "").strip().lower())
-            if split is None:
-                raise ValueError(f"manifest {manifest} line {n}: split {rec.get('split')!r} not in {sorted(SPLIT_ALIASES)}")
-            t_text = (rec.get("t_score") or "").strip()
-            t_score = float(t_text) if t_text else None
-            name = (rec.get("class") or "").strip().lower()
-            if not name and t_score is not None:
-                name = category_from_t_score(t_score)
-            if name not in CLASS_NAMES:
-                raise ValueError(f"manifest {manifest} line {n}: class {rec.get('class')!r} not in {CLASS_NAMES}")
-            rows.append(Row(path=base / rec["file"], patient_id=rec["patient_id"], label=CLASS_NAMES.index(name),
-                            t_score=t_score, view=view, split=split))
+        records = list(reader)
+    auto_split = all(not (rec.get("split") or "").strip() for rec in records)
+    for n, rec in enumerate(records, start=2):
+        view = (rec.get("view") or "").strip().upper()
+        if frontal_only and view not in FRONTAL_VIEWS:
+            continue
+        split = "" if auto_split else SPLIT_ALIASES.get((rec.get("split") or "").strip().lower())
+        if split is None:
+            raise ValueError(f"manifest {manifest} line {n}: split {rec.get('split')!r} not in {sorted(SPLIT_ALIASES)}")
+        t_text = (rec.get("t_score") or "").strip()
+        t_score = float(t_text) if t_text else None
+        name = (rec.get("class") or "").strip().lower()
+        if not name and t_score is not None:
+            name = category_from_t_score(t_score)
+        if name not in CLASS_NAMES:
+            raise ValueError(f"manifest {manifest} line {n}: class {rec.get('class')!r} not in {CLASS_NAMES}")
+        age_text = (rec.get("age") or "").strip()
+        try:
+            age = float(age_text) if age_text else None
+        except ValueError as exc:
+            raise ValueError(f"manifest {manifest} line {n}: age {age_text!r} is not a number") from exc
+        rows.append(Row(path=base / rec["file"], patient_id=rec["patient_id"], label=CLASS_NAMES.index(name),
+                        t_score=t_score, view=view, split=split, age=age))
+    if auto_split:
+        rows = assign_patient_splits(rows, split_seed)
+        logger.info("manifest %s has no split column: patient-level splits drawn with seed %d", manifest, split_seed)
     return rows
+
+
+def assign_patient_splits(
+    rows: Sequence[Row], seed: int, shares: Sequence[tuple[str, float]] = DEFAULT_SPLIT_SHARES
+) -> list[Row]:
+    """`rows` with `split` set per patient: deterministic from `seed`, no patient in two splits.
+
+    Patients are stratified by their highest class, shuffled with `seed` within each stratum
+    (after sorting by id, so the manifest's row order does not matter) and cut by `shares`.
+    """
+    total = sum(share for _, share in shares)
+    if total <= 0 or any(share < 0 for _, share in shares):
+        raise ValueError(f"split shares must be >= 0 with a positive sum, got {list(shares)}")
+    stratum: dict[str, int] = {}
+    for row in rows:
+        stratum[row.patient_id] = max(stratum.get(row.patient_id, -1), row.label)
+    rng = np.random.default_rng(seed)
+    split_of: dict[str, str] = {}
+    for k in sorted(set(stratum.values())):
+        patients = sorted(p for p, s in stratum.items() if s == k)
+        order = [patients[i] for i in rng.permutation(len(patients))]
+        start = 0.0
+        for name, share in shares:
+            stop = start + share / total
+            for pid in order[int(round(start * len(order))) : int(round(stop * len(order)))]:
+                split_of[pid] = name
+            start = stop
+    return [replace(row, split=split_of.get(row.patient_id, shares[-1][0])) for row in rows]
 
 
 def load_image01(path: Path) -> np.ndarray:

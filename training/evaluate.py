@@ -1,0 +1,271 @@
+"""`osteo-train evaluate`: a bundle's discrimination on a manifest, with patient-level bootstrap CIs.
+
+Frontal (PA/AP) rows go through the node's own pixel pipeline (osteo_node.pixels.decode ->
+prepare) and the bundle's classifier (eval mode, batched, no grad). Reported: macro one-vs-rest
+AUC, per-class AUC, low-BMD AUC (osteopenia + osteoporosis vs normal, score P1 + P2),
+osteoporosis-vs-rest AUC, accuracy, and sensitivity / specificity / PPV / NPV of low BMD at the
+bundle's thresholds["low_bmd"], each with a 95% CI from a class-stratified, patient-level bootstrap.
+
+--perturb-bone is the control that the model reads bone: the union of the bone masks is
+inpainted (training.perturb.inpaint_bone) on the decoded [0, 1] image before prepare(); a model
+that uses bone should fall to chance.
+
+Example::
+
+    osteo-train evaluate --bundle reference --manifest HELDOUT/manifest.csv --split all
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import pydicom
+import torch
+from PIL import Image
+
+from osteo_node.bundle import LoadedBundle, load_bundle
+from osteo_node.errors import BundleError, ImageError
+from osteo_node.pixels import decode, prepare
+from osteo_node.records import CLASS_NAMES
+from training import metrics
+from training.data import read_manifest
+from training.perturb import inpaint_bone
+
+logger = logging.getLogger(__name__)
+
+#: Manifest mask columns whose union is "bone" for --perturb-bone (lungs are not bone).
+BONE_MASK_COLUMNS: tuple[str, ...] = ("mask_ribs", "mask_clavicles", "mask_spine", "mask_scapulae", "mask_humeri")
+SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
+#: Bone mask dilation (pixels of the stored image) for --perturb-bone: takes the partial-volume rim
+#: of each bone, which the masks leave out, with the bone.
+DEFAULT_MASK_DILATION = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    """One frontal image to evaluate."""
+
+    path: Path
+    patient_id: str
+    label: int  # index into CLASS_NAMES
+    bone_masks: tuple[Path, ...]  # empty when the manifest has no mask columns
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """Class probabilities (N, 3) of the cases, in order."""
+
+    cases: tuple[Case, ...]
+    probs: np.ndarray
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([c.label for c in self.cases], dtype=np.int64)
+
+    @property
+    def patient_ids(self) -> list[str]:
+        return [c.patient_id for c in self.cases]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osteo-train evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True, help="bundle folder or shipped name (e.g. reference)")
+    p.add_argument("--manifest", required=True, type=Path, help="manifest.csv (paths relative to it)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="rows to evaluate (default test; all: every row)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap and inpainting seed")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--limit", type=int, help="evaluate at most this many rows (smoke tests)")
+    p.add_argument("--perturb-bone", action="store_true",
+                   help="inpaint the bone masks before prepare (control: AUC should fall to chance)")
+    p.add_argument("--mask-dilation", type=int, default=DEFAULT_MASK_DILATION,
+                   help=f"pixels by which the bone masks grow for --perturb-bone (default {DEFAULT_MASK_DILATION})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--out", type=Path, help="folder for predictions.csv and metrics.json")
+    return p
+
+
+def read_cases(manifest: Path, split: str, *, need_masks: bool) -> list[Case]:
+    """Frontal rows of `manifest` in `split` ("all": every split) as Cases."""
+    rows = read_manifest(manifest, frontal_only=True)
+    masks: dict[str, tuple[Path, ...]] = {}
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c for c in BONE_MASK_COLUMNS if c in (reader.fieldnames or [])]
+        if need_masks and not columns:
+            raise ValueError(f"manifest {manifest} has none of the bone mask columns {BONE_MASK_COLUMNS}")
+        for rec in reader:
+            masks[str(manifest.parent / rec["file"])] = tuple(
+                manifest.parent / rec[c] for c in columns if (rec.get(c) or "").strip())
+    return [Case(path=r.path, patient_id=r.patient_id, label=r.label, bone_masks=masks.get(str(r.path), ()))
+            for r in rows if split == "all" or r.split == split]
+
+
+def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarray:
+    """Union of the case's bone masks (PNG, nonzero = bone) at `shape`, grown by `dilation` pixels."""
+    if not case.bone_masks:
+        raise ValueError(f"{case.path}: no bone masks in the manifest; --perturb-bone needs them")
+    union = np.zeros(shape, dtype=bool)
+    for path in case.bone_masks:
+        with Image.open(path) as opened:
+            img = opened.convert("L")
+        if img.size != (shape[1], shape[0]):
+            img = img.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+        union |= np.asarray(img) > 0
+    if dilation > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
+        union = cv2.dilate(union.astype(np.uint8), kernel).astype(bool)
+    return union
+
+
+def load_input(case: Case, bundle: LoadedBundle, perturb_rng: np.random.Generator | None,
+               mask_dilation: int = DEFAULT_MASK_DILATION) -> np.ndarray:
+    """The case's model tensor (3, S, S) through decode -> [inpaint bone] -> prepare."""
+    try:
+        ds = pydicom.dcmread(case.path)
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise ImageError(f"{case.path}: not a readable DICOM file: {exc}") from exc
+    image01 = decode(ds)
+    if perturb_rng is not None:
+        image01 = inpaint_bone(image01, bone_mask(case, image01.shape, mask_dilation), perturb_rng)
+    spec = bundle.spec
+    # display_max only sizes the display copy, which evaluation does not use
+    return prepare(image01, spec.input_size, spec.mean, spec.std, display_max=64).tensor
+
+
+@torch.no_grad()
+def predict(bundle: LoadedBundle, cases: Sequence[Case], *, batch_size: int = 32,
+            perturb_bone: bool = False, seed: int = 0,
+            mask_dilation: int = DEFAULT_MASK_DILATION) -> Predictions:
+    """Softmax probabilities of the bundle's classifier for `cases` (eval mode, batched)."""
+    model = bundle.classifier.eval()
+    rng = np.random.default_rng(seed) if perturb_bone else None
+    out: list[np.ndarray] = []
+    for start in range(0, len(cases), batch_size):
+        batch = np.stack([load_input(c, bundle, rng, mask_dilation) for c in cases[start : start + batch_size]])
+        logits = model(torch.from_numpy(batch).to(bundle.device)).float().cpu()
+        out.append(torch.softmax(logits, dim=-1).numpy().astype(np.float64))
+    probs = np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
+    return Predictions(cases=tuple(cases), probs=probs)
+
+
+def summarise(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str], low_bmd_threshold: float,
+              *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """All reported metrics as Intervals (class-stratified, patient-level bootstrap, 95%)."""
+    def rate(name: str) -> metrics.MetricFn:
+        return lambda y, p: getattr(metrics.binary_rates(y >= 1, metrics.low_bmd_score(p), low_bmd_threshold), name)
+
+    def class_auc(k: int) -> metrics.MetricFn:
+        return lambda y, p: metrics.auc(y == k, p[:, k])
+
+    fns: dict[str, metrics.MetricFn] = {
+        "macro_auc": metrics.macro_auc,
+        "low_bmd_auc": metrics.low_bmd_auc,
+        "osteoporosis_auc": metrics.osteoporosis_auc,
+        "accuracy": metrics.accuracy,
+        **{f"auc_{name}": class_auc(k) for k, name in enumerate(CLASS_NAMES)},
+        **{f"rate_{name}": rate(name) for name in ("sensitivity", "specificity", "ppv", "npv")},
+    }
+    ci = metrics.bootstrap_many(fns, labels, probs, patient_ids, n_bootstrap, seed)
+    return {
+        "n": int(len(labels)),
+        "n_patients": len(set(patient_ids)),
+        "class_counts": {name: int((labels == k).sum()) for k, name in enumerate(CLASS_NAMES)},
+        "macro_auc": ci["macro_auc"].as_dict(),
+        "low_bmd_auc": ci["low_bmd_auc"].as_dict(),
+        "osteoporosis_auc": ci["osteoporosis_auc"].as_dict(),
+        "per_class_auc": {name: ci[f"auc_{name}"].as_dict() for name in CLASS_NAMES},
+        "accuracy": ci["accuracy"].as_dict(),
+        "low_bmd_at_threshold": {"threshold": float(low_bmd_threshold),
+                                 **{name: ci[f"rate_{name}"].as_dict()
+                                    for name in ("sensitivity", "specificity", "ppv", "npv")}},
+        "bootstrap": {"resamples": int(n_bootstrap), "seed": int(seed),
+                      "method": "percentile, patients resampled within class strata"},
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable table of `result` (from summarise, plus bundle / manifest keys)."""
+    def row(label: str, m: dict[str, float]) -> str:
+        return f"  {label:<28} {m['value']:6.3f}   [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+    head = [f"bundle {result.get('bundle', '?')}  manifest {result.get('manifest', '?')}  "
+            f"split {result.get('split', '?')}{'  BONE PERTURBED' if result.get('perturb_bone') else ''}",
+            f"n = {result['n']} images, {result['n_patients']} patients, classes {result['class_counts']}",
+            f"  {'metric':<28} {'value':>6}   95% CI ({result['bootstrap']['resamples']} patient-level resamples)"]
+    lines = [row("macro one-vs-rest AUC", result["macro_auc"]),
+             *(row(f"AUC {name} vs rest", m) for name, m in result["per_class_auc"].items()),
+             row("low-BMD AUC", result["low_bmd_auc"]),
+             row("osteoporosis-vs-rest AUC", result["osteoporosis_auc"]),
+             row("accuracy (3 classes)", result["accuracy"])]
+    at = result["low_bmd_at_threshold"]
+    lines.append(f"  low BMD at threshold {at['threshold']:.3f}:")
+    lines += [row(f"  {name}", at[name]) for name in ("sensitivity", "specificity", "ppv", "npv")]
+    return "\n".join(head + lines)
+
+
+def write_predictions(path: Path, predictions: Predictions) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "patient_id", "class", *(f"p_{name}" for name in CLASS_NAMES)])
+        for case, p in zip(predictions.cases, predictions.probs):
+            writer.writerow([str(case.path), case.patient_id, CLASS_NAMES[case.label], *(f"{v:.6f}" for v in p)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.bootstrap < 1:
+        print(f"osteo-train evaluate: --bootstrap must be >= 1, got {args.bootstrap}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as exc:
+        print(f"osteo-train evaluate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cases = read_cases(args.manifest, args.split, need_masks=args.perturb_bone)
+    except (OSError, ValueError) as exc:
+        print(f"osteo-train evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.limit:
+        cases = cases[: args.limit]
+    if not cases:
+        print(f"osteo-train evaluate: no frontal rows in split {args.split!r} of {args.manifest}", file=sys.stderr)
+        return 2
+    threshold = float(bundle.manifest.get("thresholds", {}).get("low_bmd", 0.5))
+
+    start = time.perf_counter()
+    predictions = predict(bundle, cases, batch_size=args.batch_size, perturb_bone=args.perturb_bone, seed=args.seed,
+                          mask_dilation=args.mask_dilation)
+    logger.info("predicted %d images in %.1f s", len(cases), time.perf_counter() - start)
+    result = summarise(predictions.labels, predictions.probs, predictions.patient_ids, threshold,
+                       n_bootstrap=args.bootstrap, seed=args.seed)
+    result = {"bundle": bundle.identity.name, "bundle_version": bundle.identity.version,
+              "device_uid": bundle.identity.device_uid, "manifest": str(args.manifest), "split": args.split,
+              "perturb_bone": args.perturb_bone,
+              **({"mask_dilation": args.mask_dilation} if args.perturb_bone else {}), **result}
+
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_predictions(args.out / "predictions.csv", predictions)
+        (args.out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
