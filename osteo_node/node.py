@@ -11,20 +11,24 @@ import signal
 import threading
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import Engine
 
 from . import migrate
-from .bundle import load_bundle
 from .config import Settings
 from .db import make_engine
 from .housekeeping import start_scheduler
 from .observe import MODEL, start_http
-from .infer import Inference
 from .queue import Queue
 from .receive import ReceiveLimits, start_receiver
 from .store import FileStore
-from .work import Worker
+
+if TYPE_CHECKING:
+    from .infer import Inference
+
+# The model stack (torch, transformers, grad-cam: ~0.9 GB resident, ~10 s to import on 2 cores)
+# is imported only where a worker needs it, so that `osteo-node receive` stays small.
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ def open_runtime(settings: Settings, *, create_schema: bool = True) -> Runtime:
 def load_inference(settings: Settings) -> Inference:
     """Load the configured bundle once; raises BundleError when it is missing or altered."""
     import torch
+
+    from .bundle import load_bundle
+    from .infer import Inference
 
     if settings.model.torch_threads:
         torch.set_num_threads(settings.model.torch_threads)
@@ -98,12 +105,19 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
         checks["receiver"] = lambda: server.socket.getsockname()
     port = settings.metrics.port if work else settings.metrics.receiver_port
     if port:
-        metrics = start_http(settings.metrics.host, port, runtime.queue, checks)
+        try:
+            metrics = start_http(settings.metrics.host, port, runtime.queue, checks)
+        except OSError as exc:  # e.g. a second worker on this host with the same config
+            log.error("metrics endpoint not started: %s:%d: %s (set metrics.port / "
+                      "metrics.receiver_port per process); continuing without it",
+                      settings.metrics.host, port, exc.strerror)
     if work:
         scheduler = start_scheduler(runtime.engine, runtime.store, runtime.queue,
                                     settings.storage.retention_days)
     try:
         if work:
+            from .work import Worker
+
             Worker(settings, runtime.queue, runtime.store, inference).run(stop)
         else:
             stop.wait()

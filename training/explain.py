@@ -33,9 +33,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -50,6 +51,7 @@ from osteo_node.records import CLASS_NAMES, Heatmap, Prediction, PreparedImage
 from training.data import load_image01, read_manifest
 from training.explain_metrics import (
     BONE_STRUCTURES,
+    DEFAULT_RULE,
     ThresholdRule,
     area_fraction,
     bone_mass_fraction,
@@ -58,7 +60,7 @@ from training.explain_metrics import (
     salient_region,
     union_mask,
 )
-from training.metrics import Interval, bootstrap_many, low_bmd_auc, macro_auc
+from training.metrics import bootstrap_many, low_bmd_auc, macro_auc
 from training.perturb import inpaint_bone
 
 logger = logging.getLogger(__name__)
@@ -141,7 +143,7 @@ class Settings:
 
     method: str = "gradcam"
     alt_method: str | None = "gradcam++"
-    rule: ThresholdRule = ThresholdRule()
+    rule: ThresholdRule = DEFAULT_RULE
     display_max: int = 1024
     faith_n: int = 12
     seed: int = 0
@@ -183,15 +185,18 @@ class Example:
 
 def _forward_probs(bundle: LoadedBundle, tensors: Sequence[np.ndarray]) -> np.ndarray:
     with torch.no_grad():
-        batch = torch.from_numpy(np.stack(tensors)).to(bundle.classifier.head[1].weight.device)
+        batch = torch.from_numpy(np.stack(tensors)).to(next(bundle.classifier.parameters()).device)
         return torch.softmax(bundle.classifier(batch).float(), -1).cpu().numpy().astype(np.float64)
 
 
 def _road(bundle: LoadedBundle, prepared: PreparedImage, heat: np.ndarray, target: int,
           percentiles: Sequence[int]) -> tuple[float, list[float], list[float]]:
     """Predicted-class probability before, and after MoRF / LeRF removal at each percentile."""
-    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+    from pytorch_grad_cam.metrics.road import (  # type: ignore[import-untyped]
+        ROADLeastRelevantFirst,
+        ROADMostRelevantFirst,
+    )
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget  # type: ignore[import-untyped]
 
     size = prepared.tensor.shape[-1]
     cam = to_input_grid(heat, prepared.box, size)[None]
@@ -599,6 +604,9 @@ def compact_figure(examples: Mapping[str, Sequence[Example]], rg1: Mapping[str, 
     fig.tight_layout(pad=0.4, h_pad=0.8)
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    with Image.open(path) as img:  # a 256-colour palette keeps the montage small enough for docs
+        small = img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
     return path
 
 
@@ -624,10 +632,10 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[str, Any]], figures:
     for name, s in summaries.items():
         m = s["model"]
         lines += [f"## {name}: {m['name']} {m['version']} ({m['backbone']}/{m['method']}, device UID {m['device_uid']})", "",
-                  f"Manifest `{s['manifest']}`: {s['n']} frontal images, {s['n_patients']} patients, "
-                  f"classes {s['class_counts']}. CAM: {s['method']}; salient region: {s['threshold_rule']}. "
-                  f"AUC: {s['auc_kind']}. 95% CI: patient-level stratified bootstrap, "
-                  f"{s['bootstrap']['resamples']} resamples.", "",
+                  (f"Manifest `{s['manifest']}`: {s['n']} frontal images, {s['n_patients']} patients, "
+                   f"classes {s['class_counts']}. CAM: {s['method']}; salient region: {s['threshold_rule']}. "
+                   f"AUC: {s['auc_kind']}. 95% CI: patient-level stratified bootstrap, "
+                   f"{s['bootstrap']['resamples']} resamples."), "",
                   "| metric | value [95% CI] | chance / reference |", "|---|---|---|",
                   f"| bone mass fraction | {_pct(s['bone_mass_fraction'])} | bone area fraction {s['chance']['bone_area_fraction']:.3f} |",
                   f"| IoU bone | {_pct(s['iou_bone'])} | anatomy-blind region {s['chance']['iou_bone']:.3f} |",
@@ -724,7 +732,11 @@ def main(argv: list[str] | None = None) -> int:
                   "bone masks (mask_ribs ... mask_humeri)", file=sys.stderr)
             return 2
         logger.info("%s %s: %d images from %s", role, bundle.identity.name, len(cases), manifest)
-        results, examples[role] = explain_model(bundle, cases, settings, device=args.device)
+        try:
+            results, examples[role] = explain_model(bundle, cases, settings, device=args.device)
+        except ImageError as exc:
+            print(f"osteo-train explain: manifest {manifest}: {exc}", file=sys.stderr)
+            return 2
         summaries[role] = _json_safe(summarise(bundle, results, settings, manifest))
         bundles[role] = bundle
 

@@ -19,8 +19,8 @@ Conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -163,16 +163,16 @@ def per_structure_area_fraction(masks: Mapping[str, np.ndarray]) -> dict[str, fl
 
 __all__ = [
     "BONE_STRUCTURES",
-    "ThresholdRule",
     "DEFAULT_RULE",
-    "salient_region",
+    "ThresholdRule",
+    "area_fraction",
+    "bone_mass_fraction",
+    "chance_iou",
     "iou",
     "iou_bone",
-    "bone_mass_fraction",
-    "area_fraction",
-    "chance_iou",
-    "union_mask",
-    "per_structure_mass_fraction",
-    "per_structure_iou",
     "per_structure_area_fraction",
+    "per_structure_iou",
+    "per_structure_mass_fraction",
+    "salient_region",
+    "union_mask",
 ]
