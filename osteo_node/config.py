@@ -293,7 +293,7 @@ class Settings(_Section):
         return data
 
 
-def _format_error(error: dict[str, Any]) -> str:
+def _format_error(error: Any) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"

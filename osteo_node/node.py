@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.engine import Engine
 
 from . import migrate
@@ -89,12 +91,18 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def _listening(server: ThreadedAssociationServer) -> None:
+    """Health check: raise when the receiver's socket is closed."""
+    if server.socket is None or server.socket.fileno() < 0:
+        raise OSError("receiver socket closed")
+
+
 def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
     """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
     runtime = open_runtime(settings)
     inference = load_inference(settings) if work else None
     server = scheduler = metrics = None
-    checks = {"database": runtime.queue.counts}
+    checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
     if inference is not None:
         identity = inference.identity
         MODEL.info({"name": identity.name, "version": identity.version,
@@ -102,7 +110,7 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
     if receive:
         server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                 settings.eligibility.rules(), receive_limits(settings))
-        checks["receiver"] = lambda: server.socket.getsockname()
+        checks["receiver"] = lambda: _listening(server)
     port = settings.metrics.port if work else settings.metrics.receiver_port
     if port:
         try:

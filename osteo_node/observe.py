@@ -57,7 +57,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def health_app(checks: dict[str, Callable[[], None]]) -> Callable[..., Iterable[bytes]]:
+def health_app(checks: dict[str, Callable[[], object]]) -> Callable[..., Iterable[bytes]]:
     """WSGI app: /metrics (Prometheus), /healthz (200 when every check passes, else 503)."""
     metrics = make_wsgi_app()
 
@@ -81,7 +81,7 @@ def health_app(checks: dict[str, Callable[[], None]]) -> Callable[..., Iterable[
     return app
 
 
-def start_http(host: str, port: int, queue: Queue, checks: dict[str, Callable[[], None]]) -> WSGIServer:
+def start_http(host: str, port: int, queue: Queue, checks: dict[str, Callable[[], object]]) -> WSGIServer:
     """Serve /metrics and /healthz on host:port in a daemon thread; `.shutdown()` stops it."""
     try:
         REGISTRY.register(QueueDepth(queue))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -155,7 +156,7 @@ class Queue:
 
     def _finish(self, session: Session, job: JobRecord, **values: object) -> bool:
         """Apply `values` to `job` only while `job`'s worker still holds the lease."""
-        result = session.execute(
+        result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
             update(Job)
             .where(Job.id == job.id, Job.state == RUNNING, Job.lease_owner == job.lease_owner)
             .values(updated_at=utcnow(), **values)
@@ -226,7 +227,7 @@ class Queue:
     def retry(self, job_id: int) -> bool:
         """Put a failed (dead-lettered) job back in the queue with a fresh attempt count."""
         with Session(self.engine) as session, session.begin():
-            result = session.execute(
+            result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
                 update(Job)
                 .where(Job.id == job_id, Job.state == FAILED)
                 .values(state=QUEUED, attempts=0, next_attempt_at=utcnow(), finished_at=None,

@@ -190,6 +190,7 @@ def start_receiver(
         (settings.bind_address, settings.port), block=False, evt_handlers=handlers,
         ssl_context=ssl_context,
     )
+    assert server is not None  # block=False always returns the server
     log.info("receiver listening as %s on %s:%d%s", settings.ae_title, settings.bind_address,
              settings.port, " (TLS)" if ssl_context else "")
     return server
