@@ -52,8 +52,10 @@ BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 #: How to produce the reference bundle (quoted in the error when it is missing).
 REFERENCE_COMMAND = (
-    "osteo-train phantoms --n 1500 --seed 1 --out DATA && "
-    "osteo-train train --manifest DATA/manifest.csv --random-init vit-small --export-reference"
+    "osteo-train phantoms --n 3000 --seed 1 --out DATA && "
+    "osteo-train train --manifest DATA/manifest.csv --random-init vit-tiny --input-size 112 "
+    "--pooling cls+mean --epochs 28 --lr 5e-4 --warmup-epochs 1 --augment-strength 0.3 --patience 6 "
+    "--target-sensitivity 0.9 --seed 0 --version 0.2.0 --export-reference"
 )
 
 

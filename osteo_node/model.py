@@ -97,6 +97,9 @@ _FAMILY_MODEL_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+POOLINGS = ("cls", "cls+mean")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Everything needed to rebuild the classifier (stored in a bundle's manifest)."""
@@ -114,6 +117,9 @@ class ModelSpec:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_classes: int = len(CLASS_NAMES)
     head_norm: bool = False  # LayerNorm before the linear head
+    #: "cls": the backbone's pooled CLS token; "cls+mean": CLS concatenated with the mean of the
+    #: patch tokens (registers excluded), the head of transformers' Dinov2ForImageClassification.
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -130,6 +136,8 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.input_size must be >= 1, got {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"ModelSpec.mean/std need 3 values (std > 0), got {self.mean}, {self.std}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"ModelSpec.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.num_classes < 2:
             raise ValueError(f"ModelSpec.num_classes must be >= 2, got {self.num_classes}")
         # normalise containers so that a spec read back from JSON compares equal
@@ -267,9 +275,13 @@ class Classifier(nn.Module):
         hidden = int(config.hidden_size)
         self._image_size = int(getattr(config, "image_size", spec.input_size))
         self._model_type = str(config.model_type)
+        if spec.pooling == "cls+mean" and self._model_type.startswith("siglip"):
+            raise ValueError("ModelSpec.pooling 'cls+mean' needs a CLS token; SigLIP has none")
+        self._prefix = num_prefix_tokens(backbone)
+        features = hidden * (2 if spec.pooling == "cls+mean" else 1)
         self.head = nn.Sequential(
-            nn.LayerNorm(hidden) if spec.head_norm else nn.Identity(),
-            nn.Linear(hidden, spec.num_classes),
+            nn.LayerNorm(features) if spec.head_norm else nn.Identity(),
+            nn.Linear(features, spec.num_classes),
         )
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -282,6 +294,9 @@ class Classifier(nn.Module):
         pooled = getattr(out, "pooler_output", None)
         if pooled is None:  # SigLIP without its pooling head
             pooled = out.last_hidden_state.mean(dim=1)
+        if self.spec.pooling == "cls+mean":
+            patches = out.last_hidden_state[:, self._prefix:]
+            pooled = torch.cat([pooled, patches.mean(dim=1)], dim=1)
         return pooled
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -122,3 +122,27 @@ def test_cam_target_drops_prefix_tokens(sources, family, prefix):
     handle.remove()
     assert captured["out"].shape[1] == prefix + grid * grid
     assert reshape(captured["out"]).shape == (1, TINY["hidden_size"], grid, grid)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "rad-dino", "openclip"])
+def test_cls_plus_mean_pooling(sources, family):
+    """DINOv2's classifier head: CLS concatenated with the mean patch token (registers excluded)."""
+    spec = tiny_spec(family, sources[family], "linear", pooling="cls+mean")
+    clf = build_classifier(spec)
+    hidden = TINY["hidden_size"]
+    assert clf.head[-1].in_features == 2 * hidden
+    x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
+    with torch.no_grad():
+        out = clf.backbone(pixel_values=x, **({} if family != "openclip" else {"interpolate_pos_encoding": False}))
+        features = clf.features(x)
+    prefix = 1 + CONFIGS[family].get("num_register_tokens", 0)
+    torch.testing.assert_close(features[:, hidden:], out.last_hidden_state[:, prefix:].mean(dim=1))
+    torch.testing.assert_close(features[:, :hidden], out.pooler_output)
+    assert clf(x).shape == (2, 3)
+
+
+def test_cls_plus_mean_is_refused_without_a_cls_token(sources):
+    with pytest.raises(ValueError, match="SigLIP has none"):
+        build_classifier(tiny_spec("chexagent", sources["chexagent"], "linear", pooling="cls+mean"))
+    with pytest.raises(ValueError, match="ModelSpec.pooling must be one of"):
+        tiny_spec("dinov2", sources["dinov2"], "linear", pooling="max")

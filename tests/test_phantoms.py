@@ -174,11 +174,14 @@ def _local_contrast(pixels: np.ndarray, inside: np.ndarray, outside: np.ndarray)
 
 
 def test_bone_masks_are_brighter_than_lungs(cohort: Path, rows: list[dict[str, str]]) -> None:
+    checked = 0
     for row in rows:
         pixels = pydicom.dcmread(cohort / row["file"]).pixel_array.astype(np.float32)
         masks = {name: np.asarray(Image.open(cohort / row[f"mask_{name}"])) > 0 for name in phantoms.MASK_NAMES}
         assert masks["spine"].any() and masks["ribs"].any() and masks["lungs"].any()
         assert pixels[masks["spine"]].mean() > pixels[masks["lungs"]].mean() + 100
+        if float(row["t_score"]) <= -2.5:
+            continue  # osteoporotic ribs are nearly transparent: alignment is measured on the others
         # Ribs over the lungs: brighter than the rib-free lung (locally), and less so when the
         # mask is moved by half a rib spacing (the masks sit on the ribs).
         lungs, ribs = masks["lungs"], masks["ribs"]
@@ -186,7 +189,8 @@ def test_bone_masks_are_brighter_than_lungs(cohort: Path, rows: list[dict[str, s
         moved = np.roll(ribs, 8, axis=0)
         assert aligned > 5.0
         assert aligned > _local_contrast(pixels, moved & lungs, lungs & ~moved)
-
+        checked += 1
+    assert checked >= 3
 
 def _bone_contrast(rendering: phantoms.Rendering) -> float:
     """Mean value in the spine and rib masks minus the mean of the soft tissue around them."""

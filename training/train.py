@@ -54,6 +54,7 @@ from osteo_node.model import (
     DEFAULT_NORMALISATION,
     FAMILIES,
     METHODS,
+    POOLINGS,
     Classifier,
     ModelSpec,
     build_classifier,
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--partial-blocks", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--pooling", choices=POOLINGS, default="cls",
+                   help="cls, or cls+mean (CLS + mean patch token, as DINOv2's own classifier)")
     p.add_argument("--input-size", type=int, help="model input size (default: preset image_size or 224)")
     p.add_argument("--allow-download", action="store_true", help="let from_pretrained use the hub")
     p.add_argument("--epochs", type=int, default=30)
@@ -477,11 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         spec = ModelSpec(family=args.family, source=f"random-init:{args.random_init}", method="partial",
                          partial_blocks=int(init_cfg["num_hidden_layers"]), input_size=input_size,
-                         mean=mean, std=std)
+                         mean=mean, std=std, pooling=args.pooling)
     else:
         spec = ModelSpec(family=args.family, source=args.source, method=args.method,
                          partial_blocks=args.partial_blocks, lora_rank=args.lora_rank,
-                         lora_alpha=2 * args.lora_rank, input_size=input_size, mean=mean, std=std)
+                         lora_alpha=2 * args.lora_rank, input_size=input_size, mean=mean, std=std,
+                         pooling=args.pooling)
 
     rows = read_manifest(args.manifest, split_seed=args.seed if args.split_seed is None else args.split_seed)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
