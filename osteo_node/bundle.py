@@ -75,6 +75,10 @@ class LoadedBundle:
         """Logits are divided by this before the softmax (1.0 when the manifest has none)."""
         return float(self.manifest.get("temperature", 1.0) or 1.0)
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities as the node reports them: softmax(logits / temperature)."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

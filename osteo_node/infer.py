@@ -58,7 +58,6 @@ class Inference:
         self.model = model
         self._cam = CAM_METHODS[cam_method](model=model, target_layers=target_layers, reshape_transform=reshape)
         self._input_size = bundle.spec.input_size
-        self._temperature = bundle.temperature  # temperature scaling fitted at training (1.0: none)
 
     def close(self) -> None:
         """Remove the CAM hooks from the model (several Inference objects may share one bundle)."""
@@ -83,7 +82,7 @@ class Inference:
         # targets=None: the library picks the argmax class of each image from its own forward.
         cams = self._cam(input_tensor=batch, targets=None)
         logits = self._cam.outputs.detach().float().cpu()
-        probs = torch.softmax(logits / self._temperature, dim=-1).numpy().astype(np.float64)
+        probs = self.bundle.probabilities(logits).numpy().astype(np.float64)
         predictions: list[Prediction] = []
         heatmaps: list[Heatmap] = []
         for item, p, cam in zip(prepared, probs, cams):

@@ -186,7 +186,7 @@ class Example:
 def _forward_probs(bundle: LoadedBundle, tensors: Sequence[np.ndarray]) -> np.ndarray:
     with torch.no_grad():
         batch = torch.from_numpy(np.stack(tensors)).to(next(bundle.classifier.parameters()).device)
-        return torch.softmax(bundle.classifier(batch).float(), -1).cpu().numpy().astype(np.float64)
+        return bundle.probabilities(bundle.classifier(batch)).cpu().numpy().astype(np.float64)
 
 
 def _road(bundle: LoadedBundle, prepared: PreparedImage, heat: np.ndarray, target: int,
