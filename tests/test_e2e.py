@@ -110,12 +110,23 @@ def test_chest_radiographs_come_back_as_sr_and_sc(stack: tuple[Orthanc, Path], t
     assert all(r["levelname"] and r["name"].startswith("osteo_node") for r in results)
 
 
+def sr_probabilities(ds: object) -> tuple[str, list[float]]:
+    """(source SOP Instance UID, [P(normal), P(osteopenia), P(osteoporosis)]) read from an SR."""
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    values: dict = {}
+    for item in sr.ContentSequence:
+        _collect(item, values)
+    source = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0] \
+        .ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    return str(source), [values[name] for name in CLASS_NAMES]
+
+
 def check_sr(ds: object) -> None:
     sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
     values = {}
     for item in sr.ContentSequence:
         _collect(item, values)
-    probabilities = [values[name] for name in CLASS_NAMES]
+    probabilities = sr_probabilities(ds)[1]
     assert abs(sum(probabilities) - 1.0) < 1e-4
     predicted = CLASS_NAMES[max(range(3), key=lambda i: probabilities[i])]
     assert CATEGORY_CODES[predicted].value in values["codes"]
