@@ -42,7 +42,12 @@ def exactly_once(pacs: Orthanc, sources: set[str]) -> None:
 
 
 @pytest.fixture
-def pacs_and_config(tmp_path: Path, database_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'node.sqlite3'}"
+
+
+def stack(tmp_path: Path, database_url: str, bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+    """Orthanc (not started) and a node config pointing at it; referrals off (not under test)."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port)
     config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle,
@@ -54,10 +59,28 @@ def pacs_and_config(tmp_path: Path, database_url: str, e2e_bundle: str) -> Itera
         pacs.stop()
 
 
-def test_load_ten_associations_two_workers(pacs_and_config: tuple[Orthanc, Path], tmp_path: Path,
-                                           database_url: str) -> None:
+@pytest.fixture
+def pacs_and_config(tmp_path: Path, database_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+    """On SQLite, then on PostgreSQL."""
+    yield from stack(tmp_path, database_url, e2e_bundle)
+
+
+@pytest.fixture
+def pacs_and_postgres(tmp_path: Path, postgres_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+    """Several workers share one PostgreSQL database (SQLite serves a single host's worker)."""
+    yield from stack(tmp_path, postgres_url, e2e_bundle)
+
+
+@pytest.fixture
+def pacs_and_sqlite(tmp_path: Path, sqlite_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
+    yield from stack(tmp_path, sqlite_url, e2e_bundle)
+
+
+def test_load_ten_associations_two_workers(pacs_and_postgres: tuple[Orthanc, Path], tmp_path: Path,
+                                           postgres_url: str) -> None:
     """10 concurrent associations x 50 images, processed by two worker processes; no job twice."""
-    pacs, config = pacs_and_config
+    pacs, config = pacs_and_postgres
+    database_url = postgres_url
     pacs.start()
     receiver = NodeProcess(config, "receive").start()
     workers = [NodeProcess(config, "work").start(wait_for_echo=False) for _ in range(2)]
@@ -89,11 +112,12 @@ def test_load_ten_associations_two_workers(pacs_and_config: tuple[Orthanc, Path]
         receiver.stop()
 
 
-def test_worker_sigkilled_at_random_points(pacs_and_config: tuple[Orthanc, Path], tmp_path: Path,
-                                           database_url: str) -> None:
+def test_worker_sigkilled_at_random_points(pacs_and_sqlite: tuple[Orthanc, Path], tmp_path: Path,
+                                           sqlite_url: str) -> None:
     """20 runs: a new image, a worker started and SIGKILLed at a random point of its life:
     while starting, while a job is running (at a random moment), or after its jobs finished."""
-    pacs, config = pacs_and_config
+    pacs, config = pacs_and_sqlite
+    database_url = sqlite_url
     pacs.start()
     receiver = NodeProcess(config, "receive").start()
     rng = random.Random(7)
@@ -141,11 +165,11 @@ def test_pacs_down_with_fifty_studies_in_flight(pacs_and_config: tuple[Orthanc, 
         node.stop()
 
 
-def test_database_connections_dropped(pacs_and_config: tuple[Orthanc, Path], tmp_path: Path,
-                                      database_url: str) -> None:
-    if not database_url.startswith("postgresql"):
-        pytest.skip("dropping server-side connections is a PostgreSQL scenario")
-    pacs, config = pacs_and_config
+def test_database_connections_dropped(pacs_and_postgres: tuple[Orthanc, Path], tmp_path: Path,
+                                      postgres_url: str) -> None:
+    """The server drops every connection of the node after each image; work goes on."""
+    pacs, config = pacs_and_postgres
+    database_url = postgres_url
     pacs.start()
     node = NodeProcess(config).start()
     try:
