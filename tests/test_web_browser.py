@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import IN_CI, free_port
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conftest import IN_CI, free_port
-from dicom_tools import synthetic_dx
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import Referral
 from osteo_node.node import load_inference, open_runtime
@@ -25,6 +24,7 @@ from osteo_node.queue import Received
 from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 from osteo_node.work import Worker
+from training.phantoms import GenerationOptions, generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -79,9 +79,14 @@ def server(settings: Settings) -> Iterator[str]:
 
 
 def screen_one_image(settings: Settings, tmp_path: Path) -> str:
-    """Receive a woman's chest DX (age 71) as the receiver does, then run the worker's infer job."""
+    """Receive an osteoporotic phantom (a woman >= 50, PA) as the receiver does, then run the
+    worker's jobs on it."""
     runtime = open_runtime(settings, create_schema=False)
-    source = synthetic_dx(tmp_path / "woman.dcm", sex="F", age=71, seed=11)
+    manifest = generate(tmp_path / "phantoms", 12, 5, GenerationOptions(size=256, lateral_fraction=0.0,
+                                                                       male_fraction=0.0, label_noise=0.0))
+    with manifest.open() as fh:
+        high_risk = [r for r in csv.DictReader(fh) if r["class"] == "osteoporosis" and int(r["age"]) >= 50]
+    source = manifest.parent / high_risk[0]["file"]
     from pydicom import dcmread
 
     ds = dcmread(source, stop_before_pixels=True)
