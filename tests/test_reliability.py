@@ -50,7 +50,7 @@ def stack(tmp_path: Path, database_url: str, bundle: str) -> Iterator[tuple[Orth
     """Orthanc (not started) and a node config pointing at it; referrals off (not under test)."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port)
-    config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle,
+    config = write_config(tmp_path, database_url=database_url, bundle=bundle,
                           pacs_port=pacs.dicom_port, dicom={"port": node_port, "max_associations": 20},
                           referral={"enabled": False})
     try:
