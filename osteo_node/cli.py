@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -214,6 +215,23 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
+    from .bench import SECTIONS, format_table, run_bench
+
+    settings = load_settings(args.config) if args.config else Settings()
+    sections = tuple(s for s in args.sections.split(",") if s) if args.sections else SECTIONS
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        print(f"osteo-node bench: --sections {unknown} unknown; choose from {list(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    report = run_bench(settings, bundle=args.bundle, quick=args.quick, sections=sections,
+                       progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else format_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osteo-node", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -243,15 +261,29 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
     user.add_argument("--password-stdin", action="store_true",
                       help="read the password from the first line of stdin (scripts)")
+    bench = sub.add_parser("bench", help="measure receive rate, pipeline, throughput and memory here")
+    bench.add_argument("--config", type=Path, help="TOML configuration (default: built-in defaults)")
+    bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")
+    bench.add_argument("--quick", action="store_true", help="fewer images (under 5 minutes)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.add_argument("--sections", help="comma-separated subset of receive,pipeline,node,memory")
+    bench.set_defaults(func=None)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP threads (torch's) that spin while waiting starve each other when the cores are shared
+    # with other work: measured on 2 busy cores, forward of the reference model 0.38 s spinning vs
+    # 5 ms passive (docs/performance.md). Must be set before torch loads; an operator's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if args.command == "jobs" and args.action in ("show", "retry") and args.job_id is None:
         print(f"osteo-node jobs {args.action}: a job id is required", file=sys.stderr)
         return 2
     try:
+        if args.command == "bench":
+            logging.basicConfig(level=logging.WARNING)
+            return cmd_bench(args)
         settings = load_settings(args.config)
         setup_logging(settings)
         return int(args.func(settings, args))

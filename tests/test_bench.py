@@ -1,0 +1,80 @@
+"""`osteo-node bench`: the measurement functions on a tiny bundle with a handful of images."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import require_tool
+
+from osteo_node.bench import Counts, format_table, run_bench, summary
+from osteo_node.cli import main
+from osteo_node.config import Settings
+
+TINY_COUNTS = Counts(dx_receive=6, cr_receive=2, pipeline=2, throughput=2, end_to_end=2, memory_cr=2,
+                     floor_repeats=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tinymodels import save_tiny_backbone, tiny_spec
+
+    from osteo_node.bundle import export_bundle
+    from osteo_node.model import build_classifier
+
+    folder = tmp_path_factory.mktemp("bench-bundle")
+    spec = tiny_spec("dinov2", save_tiny_backbone("dinov2", folder / "backbone"), "lora")
+    out = export_bundle(build_classifier(spec), spec, folder / "tiny", name="tiny-bench", version="0.0.1",
+                        thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="tests only",
+                        clinical_use=False, data_summary="none: random weights")
+    return str(out)
+
+
+def numbers(value: Any, path: str = "") -> Iterator[tuple[str, float]]:
+    """Every number in a JSON-like value, with its dotted path."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from numbers(item, f"{path}.{key}" if path else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from numbers(item, f"{path}[{i}]")
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield path, float(value)
+
+
+def test_summary_median_and_p95() -> None:
+    assert summary([3.0, 1.0, 2.0]) == {"median": 2.0, "p95": 3.0}
+    assert summary(list(map(float, range(1, 101))))["p95"] == 95.0
+
+
+def test_unknown_section_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--sections", "receive,gpu"]) == 2
+    assert "gpu" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_reports_every_figure(tiny_bundle: str) -> None:
+    for tool in ("storescu", "storescp", "echoscu"):
+        require_tool(tool)
+    report = run_bench(Settings(), bundle=tiny_bundle, counts=TINY_COUNTS)
+    report = json.loads(json.dumps(report))  # JSON-serialisable as printed by --json
+
+    assert report["receive"]["ratio_vs_storescp"] > 0
+    assert {(c["images"], c["associations"]) for c in report["receive"]["cases"]} == {
+        ("dx512", 1), ("dx512", 4), ("cr", 1), ("cr", 4)}
+    assert set(report["pipeline"]["stages"]) >= {"decode", "preprocess", "model", "sr", "sc", "send"}
+    assert report["pipeline"]["ratio_to_floor"] > 1.0  # the pipeline does more than the bare pass
+    assert report["pipeline"]["end_to_end_p95_s"] > 0
+    assert report["pipeline"]["end_to_end"]["n"] == TINY_COUNTS.end_to_end
+    assert report["throughput"]["images_per_s"] > 0 and report["throughput"]["batch_size"] == 1
+    assert report["memory"]["worker_peak_rss_mb"] > report["memory"]["receiver_peak_rss_mb"] > 0
+    assert report["memory"]["worker_bundle_loads"] == 1  # no per-image model reloads
+    assert report["model"]["name"] == "tiny-bench" and report["model"]["input_size"] == 56
+    assert report["machine"]["cores"] >= 1
+    for path, value in numbers({k: report[k] for k in ("receive", "pipeline", "throughput", "memory")}):
+        assert math.isfinite(value) and value > 0, f"{path} = {value}"
+    assert "ratio_vs_storescp" in format_table(report)
