@@ -590,16 +590,6 @@ def _torch_threads() -> int:
     return int(torch.get_num_threads())
 
 
-def _device(settings: Settings) -> str:
-    """The configured device ("auto": CUDA when available); applies model.torch_threads."""
-    import torch
-
-    if settings.model.torch_threads:
-        torch.set_num_threads(settings.model.torch_threads)
-    device = settings.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 SECTIONS = ("receive", "pipeline", "node", "memory")
 
@@ -638,8 +628,10 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
             report["receive"] = measure_receive(
                 settings, {"dx512": dx, "cr": cr[:counts.cr_receive]}, work).as_dict()
         if "pipeline" in sections or "node" in sections:
+            from .node import resolve_device
+
             say(f"loading bundle {settings.model.bundle}")
-            loaded = load_bundle(settings.model.bundle, device=_device(settings))
+            loaded = load_bundle(settings.model.bundle, device=resolve_device(settings))
             report["model"] = model_info(loaded)
             report["machine"]["torch_threads"] = _torch_threads()
             spec = loaded.spec

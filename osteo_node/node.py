@@ -53,18 +53,24 @@ def open_runtime(settings: Settings, *, create_schema: bool = True) -> Runtime:
     return Runtime(settings, engine, Queue(engine), store)
 
 
-def load_inference(settings: Settings) -> Inference:
-    """Load the configured bundle once; raises BundleError when it is missing or altered."""
+def resolve_device(settings: Settings) -> str:
+    """The configured device ("auto": CUDA when available); applies model.torch_threads."""
     import torch
-
-    from .bundle import load_bundle
-    from .infer import Inference
 
     if settings.model.torch_threads:
         torch.set_num_threads(settings.model.torch_threads)
     device = settings.model.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_inference(settings: Settings) -> Inference:
+    """Load the configured bundle once; raises BundleError when it is missing or altered."""
+    from .bundle import load_bundle
+    from .infer import Inference
+
+    device = resolve_device(settings)
     bundle = load_bundle(settings.model.bundle, device=device)
     log.info("model %s %s (Device UID %s) on %s", bundle.identity.name, bundle.identity.version,
              bundle.identity.device_uid, device)

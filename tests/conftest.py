@@ -87,13 +87,6 @@ def e2e_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     if (BUNDLES_DIR / "reference" / "bundle.json").is_file():
         return "reference"
-    from osteo_node.bundle import export_bundle
-    from osteo_node.model import build_classifier
-    from tinymodels import save_tiny_backbone, tiny_spec
+    from tinymodels import export_tiny_bundle
 
-    folder = tmp_path_factory.mktemp("bundle")
-    spec = tiny_spec("dinov2", save_tiny_backbone("dinov2", folder / "backbone"), "lora")
-    out = export_bundle(build_classifier(spec), spec, folder / "tiny", name="tiny-e2e", version="0.0.1",
-                        thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="tests only",
-                        clinical_use=False, data_summary="none: random weights")
-    return str(out)
+    return str(export_tiny_bundle(tmp_path_factory.mktemp("bundle"), "tiny-e2e"))

@@ -20,17 +20,9 @@ TINY_COUNTS = Counts(dx_receive=6, cr_receive=2, pipeline=2, throughput=2, end_t
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tinymodels import save_tiny_backbone, tiny_spec
+    from tinymodels import export_tiny_bundle
 
-    from osteo_node.bundle import export_bundle
-    from osteo_node.model import build_classifier
-
-    folder = tmp_path_factory.mktemp("bench-bundle")
-    spec = tiny_spec("dinov2", save_tiny_backbone("dinov2", folder / "backbone"), "lora")
-    out = export_bundle(build_classifier(spec), spec, folder / "tiny", name="tiny-bench", version="0.0.1",
-                        thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="tests only",
-                        clinical_use=False, data_summary="none: random weights")
-    return str(out)
+    return str(export_tiny_bundle(tmp_path_factory.mktemp("bench-bundle"), "tiny-bench"))
 
 
 def numbers(value: Any, path: str = "") -> Iterator[tuple[str, float]]:

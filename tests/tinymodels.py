@@ -32,3 +32,14 @@ def save_tiny_backbone(family: str, directory: Path, seed: int = 0) -> Path:
 
 def tiny_spec(family: str, source: Path, method: str, **kw: Any) -> ModelSpec:
     return ModelSpec(family=family, source=str(source), method=method, input_size=INPUT_SIZE, **kw)
+
+
+def export_tiny_bundle(folder: Path, name: str) -> Path:
+    """A tiny random DINOv2 + LoRA bundle exported through the real export path (tests only)."""
+    from osteo_node.bundle import export_bundle
+    from osteo_node.model import build_classifier
+
+    spec = tiny_spec("dinov2", save_tiny_backbone("dinov2", folder / "backbone"), "lora")
+    return export_bundle(build_classifier(spec), spec, folder / name, name=name, version="0.0.1",
+                         thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="tests only",
+                         clinical_use=False, data_summary="none: random weights")
