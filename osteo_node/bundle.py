@@ -75,9 +75,12 @@ class LoadedBundle:
         """Logits are divided by this before the softmax (1.0 when the manifest has none)."""
         return float(self.manifest.get("temperature", 1.0) or 1.0)
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities as the node reports them: softmax(logits / temperature)."""
-        return torch.softmax(logits.float() / self.temperature, dim=-1)
+    def probabilities(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
+        """Class probabilities as the node reports them: softmax(logits / temperature).
+
+        calibrated=False: plain softmax(logits), for comparing before and after calibration.
+        """
+        return torch.softmax(logits.float() / (self.temperature if calibrated else 1.0), dim=-1)
 
 
 def sha256_file(path: Path) -> str:

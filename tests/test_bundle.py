@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from osteo_node.bundle import BUNDLES_DIR, LoadedBundle, export_bundle, load_bundle, resolve_bundle_path
+from osteo_node.bundle import LoadedBundle, export_bundle, load_bundle, resolve_bundle_path
 from osteo_node.errors import BundleError
 from osteo_node.model import FAMILIES, METHODS, build_classifier
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
@@ -92,9 +92,11 @@ def test_missing_and_extra_files(tmp_path):
         load_bundle(out)
 
 
-@pytest.mark.skipif((BUNDLES_DIR / "reference" / "bundle.json").exists(), reason="reference bundle shipped")
-def test_missing_reference_says_how_to_make_it():
-    with pytest.raises(BundleError, match="osteo-train train .*--export-reference"):
+def test_missing_reference_says_how_to_make_it(tmp_path, monkeypatch):
+    import osteo_node.bundle
+
+    monkeypatch.setattr(osteo_node.bundle, "BUNDLES_DIR", tmp_path)  # an install without the bundle
+    with pytest.raises(BundleError, match="reference bundle is missing.*osteo-train train .*--export-reference"):
         resolve_bundle_path("reference")
 
 

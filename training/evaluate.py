@@ -147,15 +147,16 @@ def load_input(case: Case, bundle: LoadedBundle, perturb_rng: np.random.Generato
 @torch.no_grad()
 def predict(bundle: LoadedBundle, cases: Sequence[Case], *, batch_size: int = 32,
             perturb_bone: bool = False, seed: int = 0,
-            mask_dilation: int = DEFAULT_MASK_DILATION) -> Predictions:
-    """Probabilities as the node reports them (temperature applied) for `cases` (eval mode, batched)."""
+            mask_dilation: int = DEFAULT_MASK_DILATION, calibrated: bool = True) -> Predictions:
+    """Probabilities as the node reports them (temperature applied; calibrated=False: without it)
+    for `cases` (eval mode, batched)."""
     model = bundle.classifier.eval()
     rng = np.random.default_rng(seed) if perturb_bone else None
     out: list[np.ndarray] = []
     for start in range(0, len(cases), batch_size):
         batch = np.stack([load_input(c, bundle, rng, mask_dilation) for c in cases[start : start + batch_size]])
         logits = model(torch.from_numpy(batch).to(bundle.device)).float().cpu()
-        out.append(bundle.probabilities(logits).numpy().astype(np.float64))
+        out.append(bundle.probabilities(logits, calibrated=calibrated).numpy().astype(np.float64))
     probs = np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
     return Predictions(cases=tuple(cases), probs=probs)
 

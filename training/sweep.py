@@ -189,7 +189,7 @@ def predict_run(plan: RunPlan, cases: Sequence[evaluate.Case], batch_size: int) 
         if list(cached["patient_ids"]) == [c.patient_id for c in cases]:
             return path
     bundle = load_bundle(plan.bundle)
-    predictions = evaluate.predict(bundle, cases, batch_size=batch_size)
+    predictions = evaluate.predict(bundle, cases, batch_size=batch_size, calibrated=False)
     np.savez(path, probs_raw=predictions.probs, labels=predictions.labels,
              patient_ids=np.array(predictions.patient_ids), files=np.array([str(c.path) for c in cases]))
     return path
