@@ -53,3 +53,20 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 def test_redacted_hides_database_password(tmp_path: Path) -> None:
     settings = parse_settings({"database": {"url": "postgresql://osteo:s3cret@db/osteo"}}, tmp_path)
     assert "s3cret" not in str(settings.redacted())
+
+
+def test_example_documents_every_section_and_key() -> None:
+    """Every settings section and key appears in config.example.toml."""
+    import tomllib
+
+    from osteo_node.config import Settings
+
+    text = (ROOT / "config.example.toml").read_text()
+    for section, field in Settings.model_fields.items():
+        header = f"[[{section}]]" if section == "destinations" else f"[{section}]"
+        assert header in text, header
+        model = field.annotation.__args__[0] if section == "destinations" else field.annotation
+        for key in model.model_fields:
+            documented = (f"\n{key} =", f"\n# {key} =", f"[{section}.{key}]")  # a key, or a sub-table
+            assert any(form in text for form in documented), f"{section}.{key}"
+    tomllib.loads(text)
