@@ -52,6 +52,13 @@ def _resolve(value: Path, info: ValidationInfo) -> Path:
     return value if value.is_absolute() or base is None else (Path(base) / value).resolve()
 
 
+def _bundle(value: str, info: ValidationInfo) -> str:
+    """A shipped bundle's name ("reference") as is; a path resolved like every config path."""
+    if "/" in value or value.startswith("."):
+        return str(_resolve(Path(value), info))
+    return value
+
+
 def _existing_file(value: Path) -> Path:
     if not value.is_file():
         raise ValueError(f"file not found: {value}")
@@ -117,7 +124,7 @@ class DatabaseSettings(_Section):
 
 
 class ModelSettings(_Section):
-    bundle: str = "reference"
+    bundle: Annotated[str, AfterValidator(_bundle)] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     cam_method: Literal["gradcam", "gradcam++"] = "gradcam"
     display_max: int = Field(default=1024, ge=256, le=4096)
@@ -300,19 +307,10 @@ def _format_error(error: Any) -> str:
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    model = dict(raw.get("model", {}))
-    bundle = model.get("bundle")
-    if isinstance(bundle, str) and ("/" in bundle or bundle.startswith(".")):
-        path = Path(bundle).expanduser()
-        model["bundle"] = str(path if path.is_absolute() else (base / path).resolve())
-    return {**raw, **({"model": model} if model else {})}
-
-
 def parse_settings(raw: dict[str, Any], base: Path) -> Settings:
     """Validate a parsed TOML document; relative paths resolve against `base`."""
     try:
-        return Settings.model_validate(_resolve_paths(raw, base), context={"base": base})
+        return Settings.model_validate(raw, context={"base": base})
     except ValidationError as exc:
         lines = "\n  ".join(_format_error(e) for e in exc.errors())
         raise ConfigError(f"invalid configuration:\n  {lines}") from exc

@@ -25,7 +25,6 @@ import numpy as np
 import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
-    CodedConcept,
     Comprehensive3DSR,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
