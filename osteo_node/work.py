@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import uuid
+from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select
@@ -96,12 +97,8 @@ class Worker:
 
     def _infer(self, job: JobRecord) -> None:
         assert self.inference is not None
-        with Session(self.queue.engine) as session:
-            instance = session.get(Instance, job.instance_id)
-            if instance is None or not instance.path:
-                raise JobError(f"instance {job.instance_id} has no stored file")
-            source_uid, relative = instance.sop_instance_uid, instance.path
-        result = screen(self.store.absolute(relative), self.inference, self.settings.model.display_max)
+        source_uid, source = self._stored(job.instance_id)
+        result = screen(source, self.inference, self.settings.model.display_max)
         model = result.prediction.model
         sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
         sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
@@ -132,6 +129,14 @@ class Worker:
                      result.prediction.category, timing,
                      extra={"job_id": job.id, "sop_instance_uid": source_uid})
 
+    def _stored(self, instance_id: int) -> tuple[str, Path]:
+        """(SOP Instance UID, absolute path) of a received instance's stored file."""
+        with Session(self.queue.engine) as session:
+            instance = session.get(Instance, instance_id)
+            if instance is None or not instance.path:
+                raise JobError(f"instance {instance_id} has no stored file")
+            return instance.sop_instance_uid, self.store.absolute(instance.path)
+
     def _latest_result(self, instance_id: int) -> Result:
         with Session(self.queue.engine) as session:
             result = session.scalars(
@@ -145,12 +150,7 @@ class Worker:
     def _refer(self, job: JobRecord) -> None:
         """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
         result = self._latest_result(job.instance_id)
-        with Session(self.queue.engine) as session:
-            instance = session.get(Instance, job.instance_id)
-            relative = instance.path if instance is not None else ""
-        if not relative:
-            raise JobError(f"instance {job.instance_id} has no stored file")
-        header = dcmread(self.store.absolute(relative), stop_before_pixels=True)
+        header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         try:
             outcome = refer(self.queue.engine, self.settings.referral.policy(),
                             PatientStudy.from_dataset(header), result)
