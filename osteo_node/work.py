@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -59,7 +60,14 @@ class Worker:
         """Work until `stop` is set; sleeps `poll_interval_s` when the queue is empty."""
         log.info("worker %s started (%s)", self.name, ", ".join(self.kinds))
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except OperationalError as exc:
+                # The database went away (restart, dropped connection): wait and claim again. A job
+                # whose outcome could not be recorded is taken up again when its lease expires.
+                log.error("database unavailable (%s); retrying", type(exc).__name__)
+                busy = False
+            if not busy:
                 stop.wait(self.settings.worker.poll_interval_s)
         log.info("worker %s stopped", self.name)
 

@@ -177,12 +177,7 @@ def test_database_connections_dropped(pacs_and_postgres: tuple[Orthanc, Path], t
         name = database_url.rsplit("/", 1)[1]
         admin = create_engine(database_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
         for image in images:
-            # One CI run saw DCMTK report a TCP reset (0006:031d) on the association request right
-            # after a drop; a modality retries a failed association, and so does this test, once.
-            status = storescu(node.port, image)
-            if status != ["Success"]:
-                status = storescu(node.port, image)
-            assert status == ["Success"]
+            assert storescu(node.port, image) == ["Success"]
             with admin.connect() as connection:  # drop every connection the node holds
                 connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                         "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
