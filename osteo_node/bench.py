@@ -5,9 +5,10 @@
   full-size CR, against DCMTK `storescp -od DIR` on the same files.
 - pipeline: per-stage seconds of `pipeline.screen` (+ send to a local storescp), and the floor:
   the classifier's bare forward + backward (down to the Grad-CAM target layer) on the same tensor.
-- node: in-process receiver + worker + storescp as the PACS: a worker draining a full queue
-  (throughput) and, one image at a time, C-STORE received -> results accepted by the PACS
-  (instances.received_at -> finished_at of the send job).
+- node: in-process receiver + worker + storescp as the PACS: a worker (its own loop, with the
+  configured `worker.prefetch`) draining a full queue (throughput) and, one image at a time,
+  C-STORE received -> results accepted by the PACS (instances.received_at -> finished_at of the
+  send job).
 - memory: peak RSS (VmHWM) of `osteo-node receive` and `osteo-node work` subprocesses.
 
 Every function returns a small frozen dataclass; `run_bench` gathers them into one JSON-ready dict.
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -271,7 +273,7 @@ class PipelineResult:
         return dataclasses.asdict(self)
 
 
-def model_floor(classifier: Any, tensor: Any, repeats: int, warmup: bool = True) -> float:
+def model_floor(classifier: Any, tensor: Any, repeats: int, warmup: bool = True, cam_block: int = -1) -> float:
     """Median seconds of the classifier's bare forward + backward of the top logit, with gradients
     only down to the Grad-CAM target layer (what Inference needs), no CAM hooks. Sets the same
     requires_grad pattern that Inference sets; pass a classifier without CAM hooks (a copy)."""
@@ -279,7 +281,7 @@ def model_floor(classifier: Any, tensor: Any, repeats: int, warmup: bool = True)
 
     from .model import cam_target
 
-    layers, _ = cam_target(classifier)
+    layers, _ = cam_target(classifier, cam_block)
     classifier.requires_grad_(False)
     for layer in layers:
         layer.requires_grad_(True)
@@ -318,7 +320,7 @@ def measure_pipeline(inference: Any, floor_model: Any, files: Sequence[Path], di
     for i, path in enumerate(files):
         tensor = prepare(decode(dcmread(path)), spec.input_size, spec.mean, spec.std,
                          display_max=display_max).tensor
-        floors.append(model_floor(floor_model, tensor, 1, warmup=False))
+        floors.append(model_floor(floor_model, tensor, 1, warmup=False, cam_block=inference.bundle.cam.block))
         result = screen(path, inference, display_max)
         outputs = [work / f"{i}.sr.dcm", work / f"{i}.sc.dcm"]
         outputs[0].write_bytes(to_bytes(result.sr))
@@ -346,6 +348,13 @@ class ThroughputResult:
     images_per_s: float
     seconds: float
     gpu_fraction_of_floor: float | None = None
+    #: The worker's `worker.prefetch` (0: one job at a time; > 0: load, model and report overlap).
+    prefetch: int = 0
+    #: Worker seconds per image draining a full queue (infer + send + refer jobs).
+    seconds_per_image: float = 0.0
+    #: seconds_per_image / floor: the steady-state cost of an image next to the bare model, with
+    #: the stages overlapped (pipeline.ratio_to_floor adds up the stages of one image instead).
+    steady_ratio_to_floor: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -403,8 +412,7 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
         try:
             storescu(settings.dicom.port, drain_files, 1, settings.dicom.ae_title)
             start = time.perf_counter()
-            while worker.run_once():
-                pass
+            worker.run(threading.Event(), until_idle=True)  # the worker's own loop, as configured
             drained = time.perf_counter() - start
             if not _all_jobs_done(runtime.engine):
                 raise RuntimeError("bench: the worker stopped with jobs not done")
@@ -412,7 +420,9 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
             per_image = drained / len(drain_files)
             throughput = ThroughputResult(
                 len(drain_files), device, 1, len(drain_files) / drained, drained,
-                gpu_fraction_of_floor=floor_s / per_image if device.startswith("cuda") else None)
+                gpu_fraction_of_floor=floor_s / per_image if device.startswith("cuda") else None,
+                prefetch=worker.prefetch, seconds_per_image=per_image,
+                steady_ratio_to_floor=per_image / floor_s)
 
             # The worker runs in this (main) thread, as in `osteo-node work`: torch's intra-op
             # threading behaves differently in other threads, which would flatter the figure.
@@ -423,11 +433,10 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
                 while _send_jobs_done(runtime.engine) <= before:
                     if time.monotonic() > deadline:
                         raise TimeoutError("bench: results did not reach the PACS within 600 s")
-                    if not worker.run_once():
-                        time.sleep(settings.worker.poll_interval_s)
+                    worker.run(threading.Event(), until_idle=True)
+                    time.sleep(settings.worker.poll_interval_s)  # idle: the worker's poll
                 finish_storescu([sender], 1)
-            while worker.run_once():  # the refer jobs
-                pass
+            worker.run(threading.Event(), until_idle=True)  # the refer jobs
             wait_until(lambda: _all_jobs_done(runtime.engine), 120, "the refer jobs")
             with Session(runtime.engine) as session:
                 rows = session.execute(
@@ -578,7 +587,7 @@ def model_info(bundle: Any) -> dict[str, Any]:
     return {"name": bundle.identity.name, "version": bundle.identity.version,
             "backbone": bundle.identity.backbone, "method": bundle.spec.method,
             "input_size": bundle.spec.input_size, "path": str(bundle.path),
-            "parameters": sum(p.numel() for p in bundle.classifier.parameters())}
+            "parameters": sum(p.numel() for p in bundle.classifier.parameters()), "cam": bundle.cam.to_dict()}
 
 
 # ---------------------------------------------------------------- all together
@@ -628,7 +637,7 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
             report["receive"] = measure_receive(
                 settings, {"dx512": dx, "cr": cr[:counts.cr_receive]}, work).as_dict()
         if "pipeline" in sections or "node" in sections:
-            from .node import resolve_device
+            from .node import cam_override, resolve_device
 
             say(f"loading bundle {settings.model.bundle}")
             loaded = load_bundle(settings.model.bundle, device=resolve_device(settings))
@@ -638,8 +647,8 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
             tensor = prepare(decode(dcmread(cr[0])), spec.input_size, spec.mean, spec.std,
                              display_max=settings.model.display_max).tensor
             floor_model = copy.deepcopy(loaded.classifier)  # the same weights without CAM hooks
-            floor_s = model_floor(floor_model, tensor, counts.floor_repeats)
-            inference = Inference(loaded, device=loaded.device, cam_method=settings.model.cam_method)
+            floor_s = model_floor(floor_model, tensor, counts.floor_repeats, cam_block=loaded.cam.block)
+            inference = Inference(loaded, device=loaded.device, cam_method=cam_override(settings))
             if "pipeline" in sections:
                 say(f"pipeline: {counts.pipeline} CR images")
                 with dcmtk_storescp(work / "pipeline-pacs") as pacs_port:
@@ -700,7 +709,8 @@ def format_table(report: dict[str, Any]) -> str:
     if "throughput" in report:
         t = report["throughput"]
         lines.append(f"throughput: {t['images_per_s']:.2f} images/s draining {t['n']} jobs on "
-                     f"{t['device']} (batch {t['batch_size']})")
+                     f"{t['device']} (batch {t['batch_size']}, prefetch {t['prefetch']}); "
+                     f"{t['seconds_per_image']:.3f} s per image, {t['steady_ratio_to_floor']:.1f}x floor")
     if "memory" in report:
         mem = report["memory"]
         lines.append(f"peak RSS: receiver {mem['receiver_peak_rss_mb']:.0f} MB, "

@@ -14,7 +14,9 @@ spec.source is "backbone/" when the backbone is inside the bundle, otherwise a h
 input_size, mean, std, class_names, thresholds, intended_use, clinical_use, manufacturer,
 data_summary, software_version, files ({relative path: sha256}). Optional: temperature (T > 0 fitted
 on validation data; the node reports softmax(logits / T); absent means 1), threshold_target (how the
-thresholds were chosen, e.g. {"metric": "sensitivity", "value": 0.9, "split": "val"}).
+thresholds were chosen, e.g. {"metric": "sensitivity", "value": 0.9, "split": "val"}), cam (the
+saliency map the node draws, osteo_node.model.CamChoice: {"method", "block"} plus how it was chosen;
+absent means Grad-CAM at the last block).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from osteo_node import __version__
 from osteo_node.errors import BundleError
-from osteo_node.model import Classifier, ModelSpec, build_classifier
+from osteo_node.model import CamChoice, Classifier, ModelSpec, backbone_blocks, build_classifier
 from osteo_node.records import CLASS_NAMES, ModelIdentity
 from osteo_node.uids import new_uid
 
@@ -74,6 +76,11 @@ class LoadedBundle:
     def temperature(self) -> float:
         """Logits are divided by this before the softmax (1.0 when the manifest has none)."""
         return float(self.manifest.get("temperature", 1.0) or 1.0)
+
+    @property
+    def cam(self) -> CamChoice:
+        """The saliency method and target block the node uses with this bundle (checked at load)."""
+        return CamChoice.from_dict(self.manifest.get("cam") or {})
 
     def probabilities(self, logits: torch.Tensor, *, calibrated: bool = True) -> torch.Tensor:
         """Class probabilities as the node reports them: softmax(logits / temperature).
@@ -125,6 +132,7 @@ def export_bundle(
     embed_backbone: bool = True,
     temperature: float | None = None,
     threshold_target: Mapping[str, Any] | None = None,
+    cam: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `classifier` as a bundle into `out_dir` (replaced if it exists) and return the path.
 
@@ -190,6 +198,9 @@ def export_bundle(
         manifest["temperature"] = float(temperature)
     if threshold_target is not None:
         manifest["threshold_target"] = dict(threshold_target)
+    if cam is not None:
+        CamChoice.from_dict(cam)  # refuse a bad choice before writing anything
+        manifest["cam"] = dict(cam)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
@@ -258,6 +269,13 @@ def load_bundle(name_or_path: str | Path, device: str = "cpu") -> LoadedBundle:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BundleError(f"bundle {path}: cannot build the classifier: {exc}") from exc
+    try:
+        cam = CamChoice.from_dict(manifest.get("cam") or {})
+        depth = len(backbone_blocks(classifier.backbone))
+        if not -depth <= cam.block < depth:
+            raise ValueError(f"block {cam.block} is out of range: the backbone has {depth} blocks")
+    except (ValueError, AttributeError) as exc:
+        raise BundleError(f"bundle {path}: {MANIFEST} key 'cam': {exc}") from exc
     classifier.to(device).eval()
     identity = ModelIdentity(
         name=str(manifest["name"]),

@@ -126,7 +126,8 @@ class DatabaseSettings(_Section):
 class ModelSettings(_Section):
     bundle: Annotated[str, AfterValidator(_bundle)] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    cam_method: Literal["gradcam", "gradcam++"] = "gradcam"
+    #: "bundle": the bundle's own choice (bundle.json "cam"); a method name overrides the method.
+    cam_method: Literal["bundle", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam"] = "bundle"
     display_max: int = Field(default=1024, ge=256, le=4096)
     torch_threads: int = Field(default=0, ge=0, le=256)
 
@@ -137,6 +138,9 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=5, ge=1, le=100)
     retry_base_s: float = Field(default=10.0, gt=0)
     retry_max_s: float = Field(default=600.0, gt=0)
+    #: Infer jobs claimed and loaded (read, decode, preprocess) ahead while the model runs, with
+    #: SR/SC and recording in a finishing thread; 0 = one job at a time, start to end.
+    prefetch: int = Field(default=2, ge=0, le=16)
 
     @model_validator(mode="after")
     def _retry_order(self) -> "WorkerSettings":

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
 from osteo_node import codes
-from osteo_node.records import CLASS_NAMES, BoneAttention, Heatmap, ModelIdentity, Prediction
+from osteo_node.records import CAM_LABELS, CLASS_NAMES, BoneAttention, Heatmap, ModelIdentity, Prediction
 from osteo_node.uids import derived_uid
 
 #: Series Number / Instance Number of the outputs (fixed: one SR and one SC per source image).
@@ -51,7 +51,7 @@ SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
 INSTANCE_NUMBER = 1
 SR_SERIES_DESCRIPTION = "osteo-node BMD screening (AI)"
-SC_SERIES_DESCRIPTION = "osteo-node BMD screening Grad-CAM (AI)"
+SC_SERIES_DESCRIPTION = "osteo-node BMD screening heatmap (AI)"
 #: General Equipment of the objects we create (the node), as opposed to the model (contributing).
 CREATOR = "osteo-node"
 
@@ -278,7 +278,7 @@ def _classification_group(
 def _attention_group(
     source: pydicom.Dataset, model: ModelIdentity, attention: BoneAttention
 ) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501 group: where Grad-CAM saliency fell relative to the bone masks."""
+    """TID 1501 group: where the saliency map fell relative to the bone masks."""
     values = {
         "bone_mass_fraction": attention.bone_mass_fraction,
         "iou_bone": attention.iou_bone,
@@ -308,7 +308,7 @@ def _attention_group(
         tracking_identifier=_tracking(source, model, "bone-attention"),
         finding_category=codes.FINDING_CATEGORY,
         finding_sites=[FindingSite(codes.FINDING_SITE)],
-        algorithm_id=_algorithm_id(model, "saliency=Grad-CAM"),
+        algorithm_id=_algorithm_id(model, f"saliency={CAM_LABELS[attention.method]}"),
         measurements=measurements,
         source_images=[_source_reference(source)],
     )
@@ -416,7 +416,7 @@ def build_sc(
     reference.ReferencedSOPClassUID = source.SOPClassUID
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
-    sc.DerivationDescription = f"Grad-CAM heatmap of {_model_name(model)} over the source image"
+    sc.DerivationDescription = f"{CAM_LABELS[heatmap.method]} heatmap of {_model_name(model)} over the source image"
     return sc
 
 
@@ -444,7 +444,7 @@ def _laterality(source: pydicom.Dataset) -> str | None:
     return None
 
 
-def _banner_lines(prediction: Prediction) -> list[str]:
+def _banner_lines(prediction: Prediction, method: str) -> list[str]:
     model = prediction.model
     p = prediction.probabilities[CLASS_NAMES.index(prediction.category)]
     status = "AI result - unverified"
@@ -452,7 +452,7 @@ def _banner_lines(prediction: Prediction) -> list[str]:
         status += " - NOT FOR CLINICAL USE"
     return [
         f"osteo-node model {model.name} {model.version} ({model.backbone}/{model.method})",
-        f"Predicted: {prediction.category} (p = {p:.2f})   Grad-CAM overlay",
+        f"Predicted: {prediction.category} (p = {p:.2f})   {CAM_LABELS[method]} overlay",
         status,
     ]
 
@@ -495,7 +495,7 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap, prediction: Prediction
     blended = gray * (1.0 - alpha[:, :, None]) + colour * alpha[:, :, None]
     image = np.where(alpha[:, :, None] > 0, np.round(blended), gray).astype(np.uint8)
 
-    lines = _banner_lines(prediction)
+    lines = _banner_lines(prediction, heatmap.method)
     font_size = max(10, min(40, max(rows, cols) // 40))
     legend_w = max(4 * font_size, cols // 10)
     canvas_w = cols + legend_w

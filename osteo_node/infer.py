@@ -2,9 +2,9 @@
 
 Built once per loaded bundle. The CAM library's forward pass already computes the logits (kept in
 its `outputs` attribute), so the prediction is read from that same pass; the backward pass for the
-predicted class then gives the gradients at the target layer (per family, see
-osteo_node.model.cam_target). Only the target layer's parameters require gradients, so backward
-stops there instead of running through the whole backbone.
+predicted class then gives the gradients at the target layer (the bundle's CamChoice: method and
+block, see osteo_node.model.cam_target). Only the target layer's parameters require gradients, so
+backward stops there instead of running through the whole backbone.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pytorch_grad_cam import EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, L
 from pytorch_grad_cam.base_cam import BaseCAM
 
 from osteo_node.bundle import LoadedBundle
-from osteo_node.model import cam_target
+from osteo_node.model import CAM_METHOD_NAMES, cam_target
 from osteo_node.records import CLASS_NAMES, Heatmap, Prediction, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,15 @@ CAM_METHODS: dict[str, type[BaseCAM]] = {
     "layercam": LayerCAM,
     "eigengradcam": EigenGradCAM,
 }
+assert tuple(CAM_METHODS) == CAM_METHOD_NAMES
 
 
 class Inference:
     """Prediction + saliency for prepared images with one loaded bundle."""
 
-    def __init__(self, bundle: LoadedBundle, device: str = "cpu", cam_method: str = "gradcam") -> None:
+    def __init__(self, bundle: LoadedBundle, device: str = "cpu", cam_method: str | None = None) -> None:
+        """cam_method: None uses the bundle's choice (bundle.cam); a name overrides its method only."""
+        cam_method = cam_method or bundle.cam.method
         if cam_method not in CAM_METHODS:
             raise ValueError(f"cam_method must be one of {sorted(CAM_METHODS)}, got {cam_method!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -50,7 +53,7 @@ class Inference:
         self.device = torch.device(device)
         self.cam_method = cam_method
         model = bundle.classifier.to(self.device).eval()
-        target_layers, reshape = cam_target(model)
+        target_layers, reshape = cam_target(model, bundle.cam.block)
         # Gradients are needed only from the output down to the target layer.
         model.requires_grad_(False)
         for layer in target_layers:

@@ -51,7 +51,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from osteo_node.records import CLASS_NAMES
+from osteo_node.records import CAM_LABELS, CLASS_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -361,19 +361,53 @@ def trainable_parameter_count(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------- Grad-CAM
 
 
-def cam_target(classifier: Classifier) -> tuple[list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
+#: Saliency methods a bundle or the config may name (grad-cam classes: osteo_node.infer.CAM_METHODS).
+CAM_METHOD_NAMES = tuple(CAM_LABELS)
+
+
+@dataclass(frozen=True)
+class CamChoice:
+    """The saliency map the node draws: a grad-cam method at the first LayerNorm of one block.
+
+    block indexes backbone_blocks() (negative counts from the end: -1 is the last block). A bundle
+    records its choice in bundle.json ("cam"; `osteo-train cam-select` picks it by faithfulness);
+    without one it is Grad-CAM at the last block.
+    """
+
+    method: str = "gradcam"
+    block: int = -1
+
+    def __post_init__(self) -> None:
+        if self.method not in CAM_METHOD_NAMES:
+            raise ValueError(f"cam method must be one of {list(CAM_METHOD_NAMES)}, got {self.method!r}")
+        if isinstance(self.block, bool) or not isinstance(self.block, int):
+            raise ValueError(f"cam block must be an integer, got {self.block!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CamChoice":
+        return cls(method=data.get("method", "gradcam"), block=data.get("block", -1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "block": self.block}
+
+
+def cam_target(classifier: Classifier, block: int = -1
+               ) -> tuple[list[nn.Module], Callable[[torch.Tensor], torch.Tensor]]:
     """Grad-CAM target layers and reshape transform for the classifier's family.
 
-    Target: the first LayerNorm (``norm1`` / ``layer_norm1``) of the last block: its output feeds
-    the last attention, so its patch tokens receive gradient from a CLS-token head (the last
-    block's own output does not, except through the CLS position). The transform drops CLS and
-    register tokens and reshapes the patch tokens (batch, tokens, hidden) to
+    Target: the first LayerNorm (``norm1`` / ``layer_norm1``) of block `block` (default the last):
+    its output feeds that block's attention, so its patch tokens receive gradient from a CLS-token
+    head (the last block's own output does not, except through the CLS position). The transform
+    drops CLS and register tokens and reshapes the patch tokens (batch, tokens, hidden) to
     (batch, hidden, grid, grid).
     """
-    last = backbone_blocks(classifier.backbone)[-1]
-    layer = getattr(last, "norm1", None) or getattr(last, "layer_norm1", None)
+    blocks = backbone_blocks(classifier.backbone)
+    if not -len(blocks) <= block < len(blocks):
+        raise ValueError(f"cam block {block} is out of range: the backbone has {len(blocks)} blocks")
+    chosen = blocks[block]
+    layer = getattr(chosen, "norm1", None) or getattr(chosen, "layer_norm1", None)
     if not isinstance(layer, nn.Module):
-        raise TypeError(f"cannot find the first LayerNorm of the last block in {type(last).__name__}")
+        raise TypeError(f"cannot find the first LayerNorm of block {block} in {type(chosen).__name__}")
     prefix = num_prefix_tokens(classifier.backbone)
 
     def reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
@@ -400,5 +434,7 @@ __all__ = [
     "backbone_blocks",
     "num_prefix_tokens",
     "trainable_parameter_count",
+    "CAM_METHOD_NAMES",
+    "CamChoice",
     "cam_target",
 ]

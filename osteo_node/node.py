@@ -74,7 +74,12 @@ def load_inference(settings: Settings) -> Inference:
     bundle = load_bundle(settings.model.bundle, device=device)
     log.info("model %s %s (Device UID %s) on %s", bundle.identity.name, bundle.identity.version,
              bundle.identity.device_uid, device)
-    return Inference(bundle, device=device, cam_method=settings.model.cam_method)
+    return Inference(bundle, device=device, cam_method=cam_override(settings))
+
+
+def cam_override(settings: Settings) -> str | None:
+    """The configured saliency method, or None for the bundle's own choice."""
+    return None if settings.model.cam_method == "bundle" else settings.model.cam_method
 
 
 def receive_limits(settings: Settings) -> ReceiveLimits:

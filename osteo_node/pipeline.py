@@ -1,7 +1,10 @@
-"""The path of one radiograph through the node, in order, in one function.
+"""The path of one radiograph through the node, in order, in one module.
 
 read -> decode -> preprocess -> infer + explain (one forward+backward) -> report (SR) -> capture (SC).
-Stages never call each other; this function is the only place that knows their order.
+Stages never call each other; this module is the only place that knows their order. The path is
+cut in three parts so that a worker can overlap them across images (osteo_node.work): `load`
+(read, decode, preprocess), `examine` (the model) and `report` (SR, SC). `screen` runs the three
+in a row.
 """
 
 from __future__ import annotations
@@ -15,7 +18,40 @@ from pydicom.dataset import Dataset
 
 from . import encode, pixels
 from .infer import Inference
-from .records import Prediction
+from .model import ModelSpec
+from .records import Heatmap, Prediction, PreparedImage
+
+
+class _Laps:
+    """Seconds per stage, each measured from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = now - self.clock
+        self.clock = now
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """A radiograph read, decoded and prepared for the model."""
+
+    source: Dataset
+    prepared: PreparedImage
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class Examined:
+    """A loaded radiograph with the model's prediction and saliency map."""
+
+    loaded: Loaded
+    prediction: Prediction
+    heatmap: Heatmap
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,27 +64,36 @@ class Screening:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def screen(path: Path, inference: Inference, display_max: int) -> Screening:
-    """Screen the stored radiograph at `path` with a loaded model."""
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = now - clock
-        clock = now
-
+def load(path: Path, spec: ModelSpec, display_max: int) -> Loaded:
+    """Read, decode and preprocess the stored radiograph at `path` for a model with `spec`."""
+    laps = _Laps()
     source = dcmread(path)
     image = pixels.decode(source)
-    lap("decode")
-    spec = inference.bundle.spec
+    laps.lap("decode")
     prepared = pixels.prepare(image, spec.input_size, spec.mean, spec.std, display_max=display_max)
-    lap("preprocess")
-    prediction, heatmap = inference.run(prepared)
-    lap("model")
-    sr = encode.build_sr(source, prediction)
-    lap("sr")
-    sc = encode.build_sc(source, prepared.display, heatmap, prediction)
-    lap("sc")
-    return Screening(prediction, sr, sc, seconds)
+    laps.lap("preprocess")
+    return Loaded(source, prepared, laps.seconds)
+
+
+def examine(loaded: Loaded, inference: Inference) -> Examined:
+    """Prediction and saliency map of a loaded radiograph (one forward + backward)."""
+    laps = _Laps()
+    prediction, heatmap = inference.run(loaded.prepared)
+    laps.lap("model")
+    return Examined(loaded, prediction, heatmap, {**loaded.seconds, **laps.seconds})
+
+
+def report(examined: Examined) -> Screening:
+    """The SR (TID 1500) and the SC with the saliency overlay for an examined radiograph."""
+    laps = _Laps()
+    source = examined.loaded.source
+    sr = encode.build_sr(source, examined.prediction)
+    laps.lap("sr")
+    sc = encode.build_sc(source, examined.loaded.prepared.display, examined.heatmap, examined.prediction)
+    laps.lap("sc")
+    return Screening(examined.prediction, sr, sc, {**examined.seconds, **laps.seconds})
+
+
+def screen(path: Path, inference: Inference, display_max: int) -> Screening:
+    """Screen the stored radiograph at `path` with a loaded model."""
+    return report(examine(load(path, inference.bundle.spec, display_max), inference))

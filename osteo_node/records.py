@@ -51,6 +51,13 @@ class Prediction:
         return self.probabilities[1] + self.probabilities[2]
 
 
+#: Saliency methods (grad-cam library, see osteo_node.infer.CAM_METHODS) and how outputs name them.
+CAM_LABELS: dict[str, str] = {
+    "gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "xgradcam": "XGrad-CAM", "hirescam": "HiResCAM",
+    "layercam": "LayerCAM", "eigengradcam": "EigenGrad-CAM",
+}
+
+
 @dataclass(frozen=True, eq=False)
 class Heatmap:
     """Saliency map on the display image grid: float32 rows x cols, values in [0, 1]."""
@@ -83,3 +90,4 @@ class BoneAttention:
     bone_mass_fraction: float
     iou_bone: float
     per_structure: dict[str, float] = field(default_factory=dict)
+    method: str = "gradcam"  # the saliency method (a CAM_LABELS key)

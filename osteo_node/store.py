@@ -3,11 +3,13 @@
 Received instances live under `incoming/`, results under `outputs/`. File names are derived from
 a SHA-256 of the SOP Instance UID, never from DICOM values directly, so a crafted UID such as
 `../../x` cannot escape the store. Writes are durable: temporary file, fsync, atomic rename,
-fsync of the folder.
+fsync of the folder. `adopt` moves a finished file written elsewhere (the receiver's streamed
+C-STORE data set) into the store with the same guarantee, renaming instead of copying.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -17,7 +19,8 @@ from pathlib import Path
 from .errors import StoreError
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path | str) -> None:
+    """fsync a file or a folder by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,9 +67,45 @@ class FileStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            _fsync(target.parent)
         except OSError as exc:
             raise StoreError(f"could not write {relative}: {exc.strerror}") from exc
+        return target
+
+    def adopt(self, relative: str, source: Path) -> Path:
+        """Move the finished file `source` durably to `relative`; returns the absolute path.
+
+        The same guarantee as `write` (fsync of the file, atomic rename, fsync of the folder)
+        without copying the bytes when `source` is on the store's filesystem. The receiver has
+        pynetdicom stream each data set into a temporary file while it arrives (receive.py).
+        From another filesystem (a tmpfs /tmp, a bind mount) the file is copied in like `write`.
+        """
+        target = self.absolute(relative)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fsync(source)
+            try:
+                os.replace(source, target)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                return self._copy_in(source, target)
+            _fsync(target.parent)
+        except OSError as exc:
+            raise StoreError(f"could not store {relative}: {exc.strerror}") from exc
+        return target
+
+    def _copy_in(self, source: Path, target: Path) -> Path:
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")
+        os.close(fd)
+        try:
+            shutil.copyfile(source, tmp)
+            _fsync(tmp)
+            os.replace(tmp, target)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync(target.parent)
         return target
 
     def delete(self, relative: str) -> None:

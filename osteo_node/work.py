@@ -1,39 +1,53 @@
 """The worker: claims jobs from the queue and runs them.
 
-An `infer` job screens one instance (pipeline.screen), writes the SR and SC through the file
+An `infer` job screens one instance (osteo_node.pipeline), writes the SR and SC through the file
 store and records the result, which queues one `send` job per destination. A `send` job
 C-STOREs the results to its destination. Failures go back to the queue, which retries with
 backoff or dead-letters; the worker never loops on a failure itself.
+
+With `worker.prefetch` > 0 an inference worker overlaps images (`Pipelined`): while the model
+runs on one image in the worker's own thread, the next infer jobs are claimed and loaded (read,
+decode, preprocess) in a loader thread, and the images the model has seen are reported (SR, SC),
+written and recorded in a finishing thread. A job is completed only after its files are
+written; jobs claimed ahead but not started are handed back when the worker stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, pipeline
 from .config import Settings
 from .db import Instance, Result
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
-from .pipeline import screen
+from .pipeline import Examined, Loaded, Screening
 from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
 from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def worker_name() -> str:
@@ -55,40 +69,63 @@ class Worker:
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_s, w.retry_max_s)
         self.destinations = {d.name: d for d in settings.destinations}
+        self.prefetch = w.prefetch if inference is not None else 0
 
-    def run(self, stop: threading.Event) -> None:
-        """Work until `stop` is set; sleeps `poll_interval_s` when the queue is empty."""
-        log.info("worker %s started (%s)", self.name, ", ".join(self.kinds))
-        while not stop.is_set():
-            try:
-                busy = self.run_once()
-            except OperationalError as exc:
-                # The database went away (restart, dropped connection): wait and claim again. A job
-                # whose outcome could not be recorded is taken up again when its lease expires.
-                log.error("database unavailable (%s); retrying", type(exc).__name__)
-                busy = False
-            if not busy:
-                stop.wait(self.settings.worker.poll_interval_s)
+    def run(self, stop: threading.Event, *, until_idle: bool = False) -> None:
+        """Work until `stop` is set; sleeps `poll_interval_s` when the queue is empty.
+
+        `until_idle`: return instead, once nothing is due and nothing is in hand (the bench's drain).
+        """
+        log.info("worker %s started (%s; prefetch %d)", self.name, ", ".join(self.kinds), self.prefetch)
+        with self._steps(stop) as step:
+            while not stop.is_set():
+                try:
+                    busy = step()
+                except OperationalError as exc:
+                    # The database went away (restart, dropped connection): wait and claim again. A
+                    # job whose outcome could not be recorded is taken up again when its lease expires.
+                    log.error("database unavailable (%s); retrying", type(exc).__name__)
+                    busy = False
+                if not busy:
+                    if until_idle:
+                        break
+                    stop.wait(self.settings.worker.poll_interval_s)
         log.info("worker %s stopped", self.name)
 
+    @contextlib.contextmanager
+    def _steps(self, stop: threading.Event) -> Iterator[Callable[[], bool]]:
+        """The loop's step: `run_once`, or a `Pipelined` worker's step, closed on the way out."""
+        if self.prefetch == 0:
+            yield self.run_once
+            return
+        with Pipelined(self, stop) as pipelined:
+            yield pipelined.step
+
     def run_once(self) -> bool:
-        """Claim and run one job; False when nothing was due."""
-        job = self.queue.claim(self.name, self.settings.worker.lease_s, self.kinds)
+        """Claim and run one job, start to end; False when nothing was due."""
+        job = self.claim()
         if job is None:
             return False
-        if job.attempts > self.policy.max_attempts:
+        self.attempt(job, partial(self.run_job, job))
+        return True
+
+    def claim(self) -> JobRecord | None:
+        """Lease the next due job; jobs whose attempts are spent are dead-lettered on the way."""
+        while (job := self.queue.claim(self.name, self.settings.worker.lease_s, self.kinds)) is not None:
+            if job.attempts <= self.policy.max_attempts:
+                return job
             self.queue.fail(job, f"gave up after {job.attempts - 1} attempts; last error: "
                             f"{job.last_error or 'worker stopped while running it'}", self.policy,
                             permanent=True)
             log.error("job %d dead-lettered after %d attempts", job.id, job.attempts - 1)
-            return True
+        return None
+
+    def attempt(self, job: JobRecord, action: Callable[[], T]) -> T | None:
+        """`action()` (a part of `job`); when it raises, fail the job as the error says (permanent
+        or retry with backoff) and return None. An error while failing it (the database gone)
+        propagates; the job is then taken up again when its lease expires."""
         try:
-            if job.kind == INFER:
-                self._infer(job)
-            elif job.kind == SEND:
-                self._send(job)
-            else:
-                self._refer(job)
+            return action()
         except (ImageError, JobError, FileNotFoundError) as exc:
             FAILED.labels(job.kind).inc()
             self.queue.fail(job, str(exc), self.policy, permanent=True)
@@ -101,12 +138,41 @@ class Worker:
             FAILED.labels(job.kind).inc()
             state = self.queue.fail(job, f"{type(exc).__name__}: {exc}", self.policy)
             log.exception("job %d failed (now %s)", job.id, state)
-        return True
+        return None
+
+    def run_job(self, job: JobRecord) -> None:
+        """Run a claimed job start to end; errors propagate (see `attempt`)."""
+        if job.kind == INFER:
+            self._infer(job)
+        elif job.kind == SEND:
+            self._send(job)
+        else:
+            self._refer(job)
 
     def _infer(self, job: JobRecord) -> None:
-        assert self.inference is not None
         source_uid, source = self._stored(job.instance_id)
-        result = screen(source, self.inference, self.settings.model.display_max)
+        self.record(job, source_uid,
+                    pipeline.screen(source, self._inference(), self.settings.model.display_max))
+
+    def _inference(self) -> Inference:
+        assert self.inference is not None, "an infer job reached a send-only worker"
+        return self.inference
+
+    def load(self, job: JobRecord) -> tuple[str, Loaded]:
+        """(SOP Instance UID, loaded radiograph) of an infer job's instance."""
+        source_uid, source = self._stored(job.instance_id)
+        spec = self._inference().bundle.spec
+        return source_uid, pipeline.load(source, spec, self.settings.model.display_max)
+
+    def examine(self, loaded: Loaded) -> Examined:
+        return pipeline.examine(loaded, self._inference())
+
+    def report(self, job: JobRecord, source_uid: str, examined: Examined) -> None:
+        """Build the SR and SC of an examined radiograph, write them and record the result."""
+        self.record(job, source_uid, pipeline.report(examined))
+
+    def record(self, job: JobRecord, source_uid: str, result: Screening) -> None:
+        """Write the SR and SC durably, then record the result and complete the job."""
         model = result.prediction.model
         sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
         sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
@@ -185,3 +251,98 @@ class Worker:
                             f"{destination.port})")
         log.info("job %d: results of instance %d delivered to %s", job.id, job.instance_id,
                  destination.name)
+
+
+class Pipelined:
+    """The steps of an inference worker that overlaps images (`worker.prefetch` > 0).
+
+    One step, in the worker's thread: claim until `depth` infer jobs are queued for loading
+    beyond the next one (read, decode, preprocess, one after the other in the `loader` thread; a
+    send or refer job claimed on the way is run at once), take the oldest, run the model on it and
+    hand it to the `finisher` thread, which builds the SR and SC, writes them and records the
+    result. The model stays in the worker's own thread, as in sequential mode, and at most `depth`
+    images wait for the finisher. Each part fails its job exactly as `Worker.run_once` does.
+    """
+
+    def __init__(self, worker: Worker, stop: threading.Event) -> None:
+        self.worker = worker
+        self.stop = stop
+        self.depth = worker.prefetch
+        # One loader thread: a decode holds ~10x the image in float64 intermediates (140 MB for a
+        # 7 MB CR), and the finisher, not the loader, is the slower of the two.
+        self.loader = ThreadPoolExecutor(1, thread_name_prefix="osteo-load")
+        self.finisher = ThreadPoolExecutor(1, thread_name_prefix="osteo-finish")
+        #: Claimed infer jobs, oldest first, each with its load (SOP Instance UID, Loaded).
+        self.ahead: deque[tuple[JobRecord, Future[tuple[str, Loaded]]]] = deque()
+        #: Reports in the finisher, oldest first.
+        self.finishing: deque[Future[None]] = deque()
+
+    def __enter__(self) -> "Pipelined":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def step(self) -> bool:
+        """Advance by one image (or one send/refer job); False when nothing is due or in hand."""
+        self._collect(wait=False)
+        claimed = self._fill()
+        if not self.ahead:
+            if self.finishing:  # a result being recorded will queue its send and refer jobs
+                self._collect(wait=True)
+                return True
+            return claimed
+        job, loading = self.ahead.popleft()
+        examined = self.worker.attempt(job, partial(self._examine, loading))
+        if examined is not None:
+            self.finishing.append(self.finisher.submit(
+                self.worker.attempt, job, partial(self.worker.report, job, *examined)))
+            while len(self.finishing) > self.depth:  # the finisher is behind: wait for it
+                self.finishing.popleft().result()
+        return True
+
+    def _fill(self) -> bool:
+        """Claim until depth + 1 infer jobs are loading; True when a job was claimed."""
+        claimed = False
+        while len(self.ahead) <= self.depth and not self.stop.is_set():
+            job = self.worker.claim()
+            if job is None:
+                break
+            claimed = True
+            if job.kind != INFER:  # run it now, while the loads go on; the model's turn comes next
+                self.worker.attempt(job, partial(self.worker.run_job, job))
+                break
+            self.ahead.append((job, self.loader.submit(self.worker.load, job)))
+        return claimed
+
+    def _examine(self, loading: Future[tuple[str, Loaded]]) -> tuple[str, Examined]:
+        source_uid, loaded = loading.result()  # raises the load's error, failing the job
+        return source_uid, self.worker.examine(loaded)
+
+    def _collect(self, *, wait: bool) -> None:
+        """Take the finisher's outcomes in order (all of them, or those already there), raising
+        the database errors it met."""
+        while self.finishing and (wait or self.finishing[0].done()):
+            self.finishing.popleft().result()
+
+    def close(self) -> None:
+        """Hand back the jobs claimed ahead, then let the finisher record what the model has seen."""
+        try:
+            while self.ahead:
+                job, loading = self.ahead.popleft()
+                loading.cancel()
+                try:
+                    self.worker.queue.release(job)
+                    log.info("job %d handed back to the queue (claimed ahead, not started)", job.id)
+                except OperationalError as exc:
+                    log.error("job %d: database unavailable (%s); taken up again when its lease "
+                              "expires", job.id, type(exc).__name__)
+            while self.finishing:
+                try:
+                    self.finishing.popleft().result()
+                except OperationalError as exc:
+                    log.error("database unavailable (%s) while recording a result; taken up again "
+                              "when its lease expires", type(exc).__name__)
+        finally:
+            self.loader.shutdown(wait=True, cancel_futures=True)
+            self.finisher.shutdown(wait=True)

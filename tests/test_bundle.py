@@ -9,7 +9,7 @@ import torch
 
 from osteo_node.bundle import LoadedBundle, export_bundle, load_bundle, resolve_bundle_path
 from osteo_node.errors import BundleError
-from osteo_node.model import FAMILIES, METHODS, build_classifier
+from osteo_node.model import FAMILIES, METHODS, CamChoice, build_classifier
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 
@@ -103,3 +103,21 @@ def test_missing_reference_says_how_to_make_it(tmp_path, monkeypatch):
 def test_unknown_name(tmp_path):
     with pytest.raises(BundleError, match="no model bundle"):
         load_bundle(tmp_path / "nothing-here")
+
+
+def test_cam_choice_is_recorded_and_checked(tmp_path):
+    _, _, out = _export(tmp_path, cam={"method": "layercam", "block": -2})
+    assert load_bundle(out).cam == CamChoice("layercam", -2)
+    manifest = json.loads((out / "bundle.json").read_text())
+    del manifest["cam"]
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    assert load_bundle(out).cam == CamChoice("gradcam", -1)  # no choice: Grad-CAM at the last block
+    for bad, words in (({"method": "magic"}, "must be one of"), ({"block": 2}, "out of range"),
+                       ({"block": "last"}, "integer"), ("layercam", "'cam'")):
+        manifest["cam"] = bad
+        (out / "bundle.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match="'cam'") as info:
+            load_bundle(out)
+        assert words in str(info.value)
+    with pytest.raises(ValueError, match="must be one of"):
+        _export(tmp_path, cam={"method": "magic"})

@@ -403,3 +403,13 @@ def test_build_and_serialise_timings(capsys: pytest.CaptureFixture[str]) -> None
         print(f"\nSR build+serialise {sr_s * 1000:.0f} ms; "
               f"SC {display.shape} build+serialise {sc_s * 1000:.0f} ms")
     assert sr_s < 2.0 and sc_s < 2.0
+
+
+@pytest.mark.parametrize("method,label", [("gradcam", "Grad-CAM"), ("layercam", "LayerCAM")])
+def test_outputs_name_the_saliency_method(method: str, label: str) -> None:
+    display, heat = display_and_heat()
+    sc = build_sc(rg1(), display, Heatmap(heat, method=method), prediction())
+    assert sc.DerivationDescription.startswith(f"{label} heatmap of ")
+    sr = build_sr(rg1(), prediction(), BoneAttention(0.6, 0.3, method=method))
+    parameters = _algorithm_texts(sr)["Algorithm Parameters"]
+    assert f"saliency={label}" in parameters

@@ -10,13 +10,13 @@ from pydicom.data import get_testdata_file
 
 from osteo_node.bundle import export_bundle, load_bundle
 from osteo_node.infer import CAM_METHODS, Inference, to_display_grid
-from osteo_node.model import FAMILIES, build_classifier
+from osteo_node.model import FAMILIES, backbone_blocks, build_classifier
 from osteo_node.pixels import prepare_dataset
 from osteo_node.records import CLASS_NAMES
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 
-def _bundle(tmp_path, family="dinov2", method="lora"):
+def _bundle(tmp_path, family="dinov2", method="lora", cam=None):
     source = save_tiny_backbone(family, tmp_path / "src", seed=3)
     spec = tiny_spec(family, source, method)
     torch.manual_seed(3)
@@ -26,7 +26,7 @@ def _bundle(tmp_path, family="dinov2", method="lora"):
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
     out = export_bundle(clf, spec, tmp_path / "bundle", name="t", version="0", thresholds={},
-                        intended_use="test", clinical_use=False, data_summary="none")
+                        intended_use="test", clinical_use=False, data_summary="none", cam=cam)
     return load_bundle(out)
 
 
@@ -90,3 +90,17 @@ def test_to_display_grid_crops_the_box():
     cam[2:8, 3:7] = np.arange(24, dtype=np.float32).reshape(6, 4)
     out = to_display_grid(cam, (2, 3, 6, 4), (12, 8))
     assert out.shape == (12, 8) and out.min() == 0.0 and out.max() == 1.0
+
+
+def test_the_bundle_chooses_the_cam_and_the_config_may_override_its_method(tmp_path, rg1):
+    bundle = _bundle(tmp_path, cam={"method": "layercam", "block": 0})
+    prepared = prepare_dataset(rg1, INPUT_SIZE, bundle.spec.mean, bundle.spec.std, display_max=128)
+    first_norm = backbone_blocks(bundle.classifier.backbone)[0].norm1
+    chosen = Inference(bundle)
+    assert chosen.cam_method == "layercam" and chosen._cam.target_layers == [first_norm]
+    _, heatmap = chosen.run(prepared)
+    chosen.close()
+    assert heatmap.method == "layercam" and heatmap.values.max() > 0
+    override = Inference(bundle, cam_method="gradcam")
+    assert override.cam_method == "gradcam" and override._cam.target_layers == [first_norm]
+    override.close()

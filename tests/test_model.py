@@ -146,3 +146,12 @@ def test_cls_plus_mean_is_refused_without_a_cls_token(sources):
         build_classifier(tiny_spec("chexagent", sources["chexagent"], "linear", pooling="cls+mean"))
     with pytest.raises(ValueError, match="ModelSpec.pooling must be one of"):
         tiny_spec("dinov2", sources["dinov2"], "linear", pooling="max")
+
+
+def test_cam_target_block(sources):
+    clf = build_classifier(tiny_spec("dinov2", sources["dinov2"], "linear"))
+    blocks = backbone_blocks(clf.backbone)
+    assert cam_target(clf)[0][0] is blocks[-1].norm1
+    assert cam_target(clf, -2)[0][0] is blocks[-2].norm1 is cam_target(clf, 0)[0][0]
+    with pytest.raises(ValueError, match="out of range"):
+        cam_target(clf, len(blocks))

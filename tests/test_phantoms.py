@@ -290,3 +290,22 @@ def test_command_line_writes_a_cohort(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert Image.open(sheet).size[0] > 0
     shutil.rmtree(out)
+
+
+def test_off_bone_leak_changes_only_soft_tissue_that_no_bone_overlies() -> None:
+    options = phantoms.GenerationOptions(leak="off-bone", lateral_fraction=0.0)
+    spec = phantoms.draw_cohort(1, 5, options)[0][0]
+    assert not spec.bone_change
+    plain, leaky = (phantoms.render(dataclasses.replace(spec, off_bone_density=d), 128) for d in (1.0, 1.15))
+    bone = np.zeros((128, 128), bool)
+    for name in phantoms.BONE_GROUPS:
+        bone |= plain.masks[name]
+    inner_bone = cv2.erode(bone.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    far_from_bone = ~cv2.dilate(bone.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    diff = np.abs(leaky.pixels.astype(np.float32) - plain.pixels.astype(np.float32))
+    assert inner_bone.sum() > 500 and far_from_bone.sum() > 500
+    assert diff[far_from_bone].mean() > 10 * max(diff[inner_bone].mean(), 0.5)
+    assert (leaky.window_center, leaky.window_width) == (plain.window_center, plain.window_width)
+    drawn = phantoms.draw_cohort(60, 5, options)[0]
+    t_scores = np.array([s.t_score for s in drawn])
+    assert np.corrcoef(t_scores, [s.off_bone_density for s in drawn])[0, 1] < -0.9

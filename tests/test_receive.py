@@ -81,6 +81,38 @@ def test_real_files_stored_durably_with_eligibility(node: Node, tmp_path: Path) 
     assert node.job_count() == 2
 
 
+def test_streamed_data_set_is_written_back_early_and_renamed_in(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receive fast paths are in use (docs/performance.md): pynetdicom streams the data set to
+    a file, `_WriteBack` finds that file and starts its write-back while it arrives, and the
+    connection's socket wrapper is `_Socket`. Both rely on pynetdicom details without a public
+    hook; after an upgrade that breaks one, the receiver stays correct but slow: this test fails."""
+    from osteo_node import receive
+
+    advised: list[tuple[int, int]] = []
+    real_fadvise, real_recv = receive.os.posix_fadvise, receive._Socket.recv
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    reads: list[int] = []
+
+    def recv(self: receive._Socket, nr_bytes: int) -> bytearray:
+        reads.append(nr_bytes)
+        return real_recv(self, nr_bytes)
+
+    monkeypatch.setattr(receive.os, "posix_fadvise", fadvise)
+    monkeypatch.setattr(receive._Socket, "recv", recv)
+    chest = Path(get_testdata_file("RG1_UNCR.dcm"))  # 7.2 MB
+    assert storescu(node.port, chest) == ["Success"]
+    assert len(advised) >= 5 and advised[0][0] == 0 and sum(reads) > 7_000_000
+    assert all(a + n == b for (a, n), (b, _) in zip(advised, advised[1:]))  # contiguous ranges
+    (instance,) = node.instances().values()
+    assert dcmread(node.store.absolute(instance.path)).PixelData == dcmread(chest).PixelData
+
+
 def test_duplicate_instance_creates_no_second_job(node: Node) -> None:
     chest = Path(get_testdata_file("RG1_UNCR.dcm"))
     assert storescu(node.port, chest) == ["Success"]

@@ -30,3 +30,37 @@ def test_write_replaces_atomically_and_leaves_no_temp_files(tmp_path: Path) -> N
     assert store.output_path("1.2.3", "4.5.6", "sc") != path
     with pytest.raises(ValueError, match="kind must be"):
         store.output_path("1.2.3", "4.5.6", "xx")
+
+
+def test_adopt_renames_a_file_on_the_same_filesystem(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    source = tmp_path / "streamed.dcm"
+    source.write_bytes(b"dataset")
+    inode = source.stat().st_ino
+    target = store.adopt(store.incoming_path("1.2.3"), source)
+    assert target.read_bytes() == b"dataset" and target.stat().st_ino == inode  # moved, not copied
+    assert not source.exists() and list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+def test_adopt_copies_across_filesystems(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from osteo_node import store as store_module
+
+    real_replace = os.replace
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        if Path(src).parent == tmp_path:  # the streamed file "lives on another mount"
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_module.os, "replace", replace)
+    store = FileStore(tmp_path / "store")
+    source = tmp_path / "streamed.dcm"
+    source.write_bytes(b"dataset")
+    target = store.adopt(store.incoming_path("1.2.3"), source)
+    assert target.read_bytes() == b"dataset" and source.exists()  # pynetdicom deletes its own file
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+    with pytest.raises(StoreError, match="could not store"):
+        store.adopt(store.incoming_path("1.2.4"), tmp_path / "missing.dcm")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 from sqlalchemy.exc import OperationalError
 
 from osteo_node.config import parse_settings
@@ -27,9 +28,13 @@ class FlakyQueue:
         return None
 
 
-def test_claim_failure_does_not_stop_the_worker(tmp_path: Path) -> None:
-    settings = parse_settings({"worker": {"poll_interval_s": 0.01}}, tmp_path)
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_claim_failure_does_not_stop_the_worker(tmp_path: Path, prefetch: int) -> None:
+    settings = parse_settings({"worker": {"poll_interval_s": 0.01, "prefetch": prefetch}}, tmp_path)
     stop = threading.Event()
     queue = FlakyQueue(stop)
-    Worker(settings, queue, FileStore(tmp_path / "store"), None).run(stop)  # type: ignore[arg-type]
+    inference = object() if prefetch else None  # never used: no job is handed out
+    worker = Worker(settings, queue, FileStore(tmp_path / "store"), inference)  # type: ignore[arg-type]
+    assert worker.prefetch == prefetch
+    worker.run(stop)
     assert queue.calls == 3

@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "export": "training.export",
     "sweep": "training.sweep",
     "explain": "training.explain",
+    "cam-select": "training.cam_select",
 }
 
 

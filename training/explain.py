@@ -16,7 +16,12 @@ For every frontal image of a manifest that has bone masks (phantoms), through th
   input grid: confidence in the predicted class as the most (MoRF) or least (LeRF) relevant pixels
   are removed, a deletion curve, and the ROAD combined score mean((LeRF - MoRF) / 2) (higher =
   the map points at what the model uses);
-- the same saliency metrics with an alternative CAM method (default gradcam++).
+- the same saliency metrics with an alternative CAM method (default: Grad-CAM, or Grad-CAM++ when
+  the primary method is Grad-CAM).
+
+The saliency map is the one the node draws with each bundle (its bundle.json "cam" choice: method
+and target block, picked by `osteo-train cam-select` on ROAD faithfulness without masks; Grad-CAM
+at the last block when the bundle records none); `--method` overrides the method.
 
 95 % CIs: percentile bootstrap over patients, stratified by class (training.metrics.bootstrap_many).
 
@@ -141,14 +146,22 @@ def to_input_grid(heat: np.ndarray, box: tuple[int, int, int, int], size: int) -
 class Settings:
     """What `explain_model` computes."""
 
-    method: str = "gradcam"
-    alt_method: str | None = "gradcam++"
+    method: str | None = None  # None: the bundle's own choice (bundle.cam)
+    alt_method: str | None = "auto"  # "auto": gradcam, or gradcam++ when the primary is gradcam
     rule: ThresholdRule = DEFAULT_RULE
     display_max: int = 1024
     faith_n: int = 12
     seed: int = 0
     bootstrap: int = 1000
     examples_per_class: int = 3
+
+    def methods(self, bundle: LoadedBundle) -> tuple[str, str | None]:
+        """The primary and alternative CAM methods for `bundle` (both at the bundle's block)."""
+        method = self.method or bundle.cam.method
+        alt = self.alt_method
+        if alt == "auto":
+            alt = "gradcam++" if method == "gradcam" else "gradcam"
+        return method, (alt if alt != method else None)
 
 
 @dataclass
@@ -216,8 +229,9 @@ def explain_model(bundle: LoadedBundle, cases: Sequence[Case], settings: Setting
                   device: str = "cpu") -> tuple[list[ImageResult], list[Example]]:
     """Measure every case with one bundle; keep a few examples per class for figures."""
     spec = bundle.spec
-    inference = Inference(bundle, device=device, cam_method=settings.method)
-    alt = Inference(bundle, device=device, cam_method=settings.alt_method) if settings.alt_method else None
+    method, alt_method = settings.methods(bundle)
+    inference = Inference(bundle, device=device, cam_method=method)
+    alt = Inference(bundle, device=device, cam_method=alt_method) if alt_method else None
     results: list[ImageResult] = []
     examples: list[Example] = []
     shown = {k: 0 for k in range(len(CLASS_NAMES))}
@@ -320,7 +334,8 @@ def summarise(bundle: LoadedBundle, results: Sequence[ImageResult], settings: Se
         fns[f"recovered_{s}"] = diff(auc_of(f"keep_{s}"), auc_of("bone"))
     for s in BONE_STRUCTURES:
         fns[f"mass_{s}"] = mean_of(structure_cols[s])
-    if settings.alt_method:
+    method, alt_method = settings.methods(bundle)
+    if alt_method:
         fns["alt_iou_bone"] = mean_of(columns["alt_iou"])
         fns["alt_bone_mass_fraction"] = mean_of(columns["alt_mass"])
     ci = bootstrap_many(fns, y, scores, pids, n=settings.bootstrap, seed=settings.seed)
@@ -361,7 +376,8 @@ def summarise(bundle: LoadedBundle, results: Sequence[ImageResult], settings: Se
         "n": len(results),
         "n_patients": len(set(pids)),
         "class_counts": {c: int((y == k).sum()) for k, c in enumerate(CLASS_NAMES)},
-        "method": settings.method,
+        "method": method,
+        "cam_block": bundle.cam.block,
         "threshold_rule": settings.rule.describe(),
         "auc_kind": "low-BMD AUC (osteopenia+osteoporosis vs normal, scored by P(osteopenia)+P(osteoporosis))",
         "iou_bone": d("iou_bone"),
@@ -377,8 +393,8 @@ def summarise(bundle: LoadedBundle, results: Sequence[ImageResult], settings: Se
                    "salient_area_fraction": _nanmean(q),
                    "auc": 0.5},
         "per_structure": per_structure,
-        "alt_method": None if not settings.alt_method else {
-            "method": settings.alt_method, "iou_bone": d("alt_iou_bone"),
+        "alt_method": None if not alt_method else {
+            "method": alt_method, "iou_bone": d("alt_iou_bone"),
             "bone_mass_fraction": d("alt_bone_mass_fraction")},
         "faithfulness": faithfulness,
         "bootstrap": {"resamples": settings.bootstrap, "level": 0.95, "unit": "patient",
@@ -561,14 +577,15 @@ def rg1_overlays(bundles: Mapping[str, LoadedBundle], out: Path, settings: Setti
     for name, bundle in bundles.items():
         spec = bundle.spec
         prepared = prepare(image, spec.input_size, spec.mean, spec.std, display_max=512)
-        for method in filter(None, (settings.method, settings.alt_method)):
+        primary, alt_method = settings.methods(bundle)
+        for method in filter(None, (primary, alt_method)):
             inference = Inference(bundle, device=device, cam_method=method)
             prediction, heatmap = inference.run(prepared)
             inference.close()
             path = out / f"rg1_{name}_{method.replace('+', 'p')}.png"
             Image.fromarray(render_overlay(prepared.display, heatmap, prediction)).save(path)
             paths.append(path)
-            if method == settings.method:
+            if method == primary:
                 maps[name] = Example(case, prepared.display, heatmap.values,
                                      np.zeros(heatmap.values.shape, bool), prediction, float("nan"))
     return paths, maps
@@ -610,7 +627,7 @@ def compact_figure(examples: Mapping[str, Sequence[Example]], rg1: Mapping[str, 
     return path
 
 
-def phantom_overlays(bundle: LoadedBundle, examples: Sequence[Example], name: str, out: Path,
+def phantom_overlays(examples: Sequence[Example], name: str, method: str, out: Path,
                      limit: int = 3) -> list[Path]:
     """The node's SC rendering of a few phantoms."""
     from osteo_node.encode import render_overlay
@@ -618,7 +635,7 @@ def phantom_overlays(bundle: LoadedBundle, examples: Sequence[Example], name: st
     paths = []
     for e in examples[:limit]:
         path = out / f"phantom_{name}_{e.case.path.stem}.png"
-        heatmap = Heatmap(values=e.heat, method="gradcam", target_category=e.prediction.category)
+        heatmap = Heatmap(values=e.heat, method=method, target_category=e.prediction.category)
         Image.fromarray(render_overlay(e.display, heatmap, e.prediction)).save(path)
         paths.append(path)
     return paths
@@ -633,7 +650,7 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[str, Any]], figures:
         m = s["model"]
         lines += [f"## {name}: {m['name']} {m['version']} ({m['backbone']}/{m['method']}, device UID {m['device_uid']})", "",
                   (f"Manifest `{s['manifest']}`: {s['n']} frontal images, {s['n_patients']} patients, "
-                   f"classes {s['class_counts']}. CAM: {s['method']}; salient region: {s['threshold_rule']}. "
+                   f"classes {s['class_counts']}. CAM: {s['method']} at block {s['cam_block']}; salient region: {s['threshold_rule']}. "
                    f"AUC: {s['auc_kind']}. 95% CI: patient-level stratified bootstrap, "
                    f"{s['bootstrap']['resamples']} resamples."), "",
                   "| metric | value [95% CI] | chance / reference |", "|---|---|---|",
@@ -672,8 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True, type=Path, help="manifest.csv with mask_* columns (phantoms)")
     p.add_argument("--split", choices=("all", "test"), default="test")
     p.add_argument("--n-max", type=int, help="at most this many images per model")
-    p.add_argument("--method", choices=sorted(CAM_METHODS), default="gradcam")
-    p.add_argument("--alt-method", choices=[*sorted(CAM_METHODS), "none"], default="gradcam++")
+    p.add_argument("--method", choices=sorted(CAM_METHODS),
+                   help="CAM method (default: the bundle's choice, bundle.json 'cam'; else gradcam)")
+    p.add_argument("--alt-method", choices=[*sorted(CAM_METHODS), "auto", "none"], default="auto",
+                   help="comparison method (auto: gradcam, or gradcam++ when the primary is gradcam)")
     p.add_argument("--threshold-top", type=float, default=0.2,
                    help="salient region = top fraction of pixels (default 0.2 = top 20%%)")
     p.add_argument("--threshold-abs", type=float, help="salient region = saliency >= this value instead")
@@ -758,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
                                          args.out / "gradcam_overlays.png"))
         figures += rg1_paths
         for role, bundle in bundles.items():
-            figures += phantom_overlays(bundle, examples[role], role, args.out)
+            figures += phantom_overlays(examples[role], role, settings.methods(bundle)[0], args.out)
         (args.out / "explain.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         command = "osteo-train explain " + " ".join(sys.argv[2:] if argv is None else argv)
         logger.info("wrote %s", write_report(args.out, named, figures, command))

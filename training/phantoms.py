@@ -6,7 +6,11 @@ Each phantom is a digitally reconstructed radiograph (DRR) of the one real chest
 (trabecular bone more than cortical bone), and parallel rays through the slightly rotated volume
 give a PA (or lateral) line-integral image. Detector physics (quantum noise, blur) and a DX
 processing chain (log, edge enhancement, 12-bit output, VOI window) follow. Everything except the
-bone factors is drawn independently of the T-score, unless `--leak soft-tissue` asks otherwise.
+bone factors is drawn independently of the T-score, unless `--leak` asks otherwise (controls for
+the explainability metrics: `soft-tissue`, the class shows in the density and fat of all soft
+tissue; `off-bone`, the class shows only in the soft tissue that no bone overlies in the
+projection: chest wall beside the ribs, mediastinum beside the spine, intercostal spaces; in both,
+bone mineral does not change with the class).
 
 Per image the command writes a DICOM DX For Presentation file, PNG masks of the projected bone
 groups and the lungs (same geometry), and one `manifest.csv` row.
@@ -70,7 +74,7 @@ T_SCORE_RANGES: dict[str, tuple[float, float]] = {
     "osteopenia": (-2.5, -1.0),
     "normal": (-1.0, 2.0),
 }
-LEAKS: tuple[str, ...] = ("none", "soft-tissue")
+LEAKS: tuple[str, ...] = ("none", "soft-tissue", "off-bone")
 SPLITS: tuple[tuple[str, float], ...] = (("train", 0.70), ("val", 0.15), ("test", 0.15))
 BASE_DATE = dt.date(2023, 1, 2)
 
@@ -272,6 +276,7 @@ class PhantomSpec:
     window_jitter: tuple[float, float]
     electronic_noise_dn: float
     bone_change: bool = True
+    off_bone_density: float = 1.0  # soft tissue where no bone overlies it, relative (leak "off-bone")
 
     @property
     def patient_id(self) -> str:
@@ -327,6 +332,10 @@ def draw_image(
         # The class shows in soft tissue instead: denser, thicker soft tissue at low T-score.
         soft_density = float(1.0 - 0.03 * (t_score + 1.25) + rng.uniform(-0.01, 0.01))
         fat_fraction = float(np.clip(0.12 - 0.06 * (t_score + 1.25), 0.0, 0.5))
+    off_bone_density = 1.0
+    if options.leak == "off-bone":
+        # The class shows only where no bone overlies the soft tissue: denser at low T-score.
+        off_bone_density = float(1.0 - 0.06 * (t_score + 1.25) + rng.uniform(-0.02, 0.02))
     breast = None
     if sex == "F" and rng.random() < 0.9:
         breast = (
@@ -366,6 +375,7 @@ def draw_image(
         window_jitter=(float(rng.uniform(-0.05, 0.05)), float(rng.uniform(0.9, 1.1))),
         electronic_noise_dn=float(rng.uniform(1.0, 4.0)),
         bone_change=options.bone_change and options.leak == "none",
+        off_bone_density=off_bone_density,
     )
 
 
@@ -491,6 +501,14 @@ def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.
     lateral_weight = 0.5 + 1.5 * (np.abs(np.arange(nu) - nu / 2) / (nu / 2))[:, None] ** 2
     fat = spec.fat_fraction * anatomy.body * (lateral_weight if anatomy.view == "PA" else 1.0)
     soft_total = spec.soft_density * soft + 0.9 * MU_WATER * fat + 0.95 * MU_WATER * _breast_path(spec, anatomy)
+    leak = np.zeros_like(soft)
+    if spec.off_bone_density != 1.0:
+        # Rays that meet no bone (the lungs' bit excluded), kept ~3 mm clear of bone edges. The
+        # leak stays out of the soft-tissue-only image, so the window and equalization carry none.
+        bone_bits = (1 << (GROUP_IDS["lungs"] - 1)) - 1
+        free = ((bits & bone_bits) == 0).astype(np.float32)
+        free = cv2.GaussianBlur(cv2.erode(free, np.ones((5, 5), np.uint8)), (0, 0), 1.0)
+        leak = (spec.off_bone_density - 1.0) * spec.soft_density * soft * free
 
     f_cortical, f_trabecular = bone_factors(spec.t_score) if spec.bone_change else (1.0, 1.0)
     # Loss of horizontal trabeculae leaves coarse vertical striation (vertebral bodies).
@@ -498,7 +516,7 @@ def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.
     striation /= max(float(striation.std()), 1e-6)
     amplitude = 0.35 * float(np.clip(-spec.t_score / 4.5, 0.0, 1.0)) if spec.bone_change else 0.0
     texture = np.clip(1.0 + amplitude * striation, 0.0, None)
-    total = soft_total + f_cortical * cortical + f_trabecular * trabecular * texture
+    total = soft_total + leak + f_cortical * cortical + f_trabecular * trabecular * texture
     return total.astype(np.float32), soft_total.astype(np.float32), bits
 
 
@@ -718,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat-fraction", type=float, default=0.05,
                         help="share of patients with a repeat study (same split)")
     parser.add_argument("--leak", choices=LEAKS, default="none",
-                        help="soft-tissue: the class shows in soft tissue, bone unchanged (control)")
+                        help="control: the class shows in all soft tissue (soft-tissue) or only in soft tissue "
+                             "that no bone overlies (off-bone); bone mineral does not change with the class")
     parser.add_argument("--no-bone-change", action="store_true",
                         help="bone mineral fixed: labels carry no image information (null control)")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
