@@ -57,7 +57,10 @@ REFERENCE_COMMAND = (
     "osteo-train phantoms --n 3000 --seed 1 --out DATA && "
     "osteo-train train --manifest DATA/manifest.csv --random-init vit-tiny --input-size 112 "
     "--pooling cls+mean --epochs 28 --lr 5e-4 --warmup-epochs 1 --augment-strength 0.3 --patience 6 "
-    "--target-sensitivity 0.9 --seed 0 --version 0.2.0 --export-reference"
+    "--target-sensitivity 0.9 --seed 0 --version 0.2.0 --export-reference && "
+    "osteo-train phantoms --n 150 --seed 31 --out CAMSEL && "
+    "osteo-train cam-select --bundle reference --manifest CAMSEL/manifest.csv --split all --n 24 "
+    "--write --version 0.2.1"
 )
 
 
