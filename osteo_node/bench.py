@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -481,26 +482,11 @@ def write_toml(settings: Settings, path: Path) -> Path:
     """Write `settings` as a TOML config file (the keys `osteo-node` reads)."""
     data = settings.model_dump(mode="json", exclude_none=True)
     data.pop("web", None)
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    lines = []
-    for section, values in data.items():
-        if section == "destinations":
-            for dest in values:
-                lines.append("[[destinations]]")
-                lines += [f"{k} = {value(v)}" for k, v in dest.items()]
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in values.items() if not isinstance(v, dict)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Sections as flat tables (nested ones such as TLS are left out); destinations as [[destinations]].
+    tables = {section: values if section == "destinations" else
+              {k: v for k, v in values.items() if not isinstance(v, dict)}
+              for section, values in data.items()}
+    path.write_text(tomli_w.dumps(tables), encoding="utf-8")
     return path
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -34,25 +35,10 @@ def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
-    lines: list[str] = []
-    for name, values in base.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
-    lines += ["[[destinations]]", 'name = "pacs"', 'ae_title = "ORTHANC"', 'host = "127.0.0.1"',
-              f"port = {pacs_port}"]
+    base["destinations"] = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}]
     path = folder / "node.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(tomli_w.dumps(base))
     return path
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\") + '"'
 
 
 class NodeProcess:
