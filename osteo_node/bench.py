@@ -280,12 +280,9 @@ def model_floor(classifier: Any, tensor: Any, repeats: int, warmup: bool = True,
     requires_grad pattern that Inference sets; pass a classifier without CAM hooks (a copy)."""
     import torch
 
-    from .model import cam_target
+    from .model import cam_target, gradients_down_to
 
-    layers, _ = cam_target(classifier, cam_block)
-    classifier.requires_grad_(False)
-    for layer in layers:
-        layer.requires_grad_(True)
+    gradients_down_to(classifier, cam_target(classifier, cam_block)[0])
     x = torch.from_numpy(tensor[None]).to(next(classifier.parameters()).device)
     times = []
     for _ in range(repeats + int(warmup)):

@@ -19,7 +19,7 @@ from pytorch_grad_cam import EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, L
 from pytorch_grad_cam.base_cam import BaseCAM
 
 from osteo_node.bundle import LoadedBundle
-from osteo_node.model import CAM_METHOD_NAMES, cam_target
+from osteo_node.model import CAM_METHOD_NAMES, cam_target, gradients_down_to
 from osteo_node.records import CLASS_NAMES, Heatmap, Prediction, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -54,10 +54,7 @@ class Inference:
         self.cam_method = cam_method
         model = bundle.classifier.to(self.device).eval()
         target_layers, reshape = cam_target(model, bundle.cam.block)
-        # Gradients are needed only from the output down to the target layer.
-        model.requires_grad_(False)
-        for layer in target_layers:
-            layer.requires_grad_(True)
+        gradients_down_to(model, target_layers)
         self.model = model
         self._cam = CAM_METHODS[cam_method](model=model, target_layers=target_layers, reshape_transform=reshape)
         self._input_size = bundle.spec.input_size

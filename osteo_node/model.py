@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -421,6 +421,14 @@ def cam_target(classifier: Classifier, block: int = -1
     return [layer], reshape_transform
 
 
+def gradients_down_to(classifier: nn.Module, layers: Sequence[nn.Module]) -> None:
+    """Let gradients flow only from the output down to `layers` (what a CAM needs), so that the
+    backward pass stops there instead of running through the whole backbone."""
+    classifier.requires_grad_(False)
+    for layer in layers:
+        layer.requires_grad_(True)
+
+
 __all__ = [
     "FAMILIES",
     "METHODS",
@@ -437,4 +445,5 @@ __all__ = [
     "CAM_METHOD_NAMES",
     "CamChoice",
     "cam_target",
+    "gradients_down_to",
 ]

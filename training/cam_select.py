@@ -34,7 +34,7 @@ import torch
 from osteo_node.bundle import MANIFEST, LoadedBundle, load_bundle
 from osteo_node.errors import BundleError, ImageError
 from osteo_node.infer import CAM_METHODS
-from osteo_node.model import CamChoice, backbone_blocks, cam_target
+from osteo_node.model import CamChoice, backbone_blocks, cam_target, gradients_down_to
 from osteo_node.pixels import prepare
 from osteo_node.uids import new_uid
 from training.data import load_image01, read_manifest
@@ -70,9 +70,7 @@ def candidate_maps(bundle: LoadedBundle, inputs: torch.Tensor, choice: CamChoice
 
     model = bundle.classifier
     layers, reshape = cam_target(model, choice.block)
-    model.requires_grad_(False)
-    for layer in layers:
-        layer.requires_grad_(True)
+    gradients_down_to(model, layers)
     cam = CAM_METHODS[choice.method](model=model, target_layers=layers, reshape_transform=reshape)
     try:
         maps = [cam(input_tensor=inputs[i:i + batch_size],

@@ -501,7 +501,7 @@ def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.
     lateral_weight = 0.5 + 1.5 * (np.abs(np.arange(nu) - nu / 2) / (nu / 2))[:, None] ** 2
     fat = spec.fat_fraction * anatomy.body * (lateral_weight if anatomy.view == "PA" else 1.0)
     soft_total = spec.soft_density * soft + 0.9 * MU_WATER * fat + 0.95 * MU_WATER * _breast_path(spec, anatomy)
-    leak = np.zeros_like(soft)
+    leak: np.ndarray | float = 0.0
     if spec.off_bone_density != 1.0:
         # Rays that meet no bone (the lungs' bit excluded), kept ~3 mm clear of bone edges. The
         # leak stays out of the soft-tissue-only image, so the window and equalization carry none.
