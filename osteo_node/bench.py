@@ -274,21 +274,25 @@ class PipelineResult:
         return dataclasses.asdict(self)
 
 
-def model_floor(classifier: Any, tensor: Any, repeats: int, warmup: bool = True, cam_block: int = -1) -> float:
-    """Median seconds of the classifier's bare forward + backward of the top logit, with gradients
-    only down to the Grad-CAM target layer (what Inference needs), no CAM hooks. Sets the same
-    requires_grad pattern that Inference sets; pass a classifier without CAM hooks (a copy)."""
+def model_floor(classifier: Any, tensor: Any, repeats: int, *, warmup: bool = True, cam_block: int = -1,
+                batch: int = 1, precision: str = "fp32") -> float:
+    """Median seconds of the classifier's bare forward + backward of each image's top logit on a
+    batch of `batch` copies of `tensor`, with gradients only down to the Grad-CAM target layer
+    (what Inference needs), under the same autocast, no CAM hooks. Sets the same requires_grad
+    pattern that Inference sets; pass a classifier without CAM hooks (a copy)."""
     import torch
 
-    from .model import cam_target, gradients_down_to
+    from .model import autocast, cam_target, gradients_down_to
 
     gradients_down_to(classifier, cam_target(classifier, cam_block)[0])
-    x = torch.from_numpy(tensor[None]).to(next(classifier.parameters()).device)
+    device = next(classifier.parameters()).device
+    x = torch.from_numpy(tensor[None]).repeat(batch, 1, 1, 1).to(device)
     times = []
     for _ in range(repeats + int(warmup)):
         start = time.perf_counter()
-        logits = classifier(x)
-        logits[0, int(logits[0].argmax())].backward()
+        with autocast(device, precision):
+            logits = classifier(x)
+        logits.max(dim=1).values.sum().backward()
         if x.is_cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -318,7 +322,8 @@ def measure_pipeline(inference: Any, floor_model: Any, files: Sequence[Path], di
     for i, path in enumerate(files):
         tensor = prepare(decode(dcmread(path)), spec.input_size, spec.mean, spec.std,
                          display_max=display_max).tensor
-        floors.append(model_floor(floor_model, tensor, 1, warmup=False, cam_block=inference.bundle.cam.block))
+        floors.append(model_floor(floor_model, tensor, 1, warmup=False, cam_block=inference.bundle.cam.block,
+                                  precision=inference.precision))
         result = screen(path, inference, display_max)
         outputs = [work / f"{i}.sr.dcm", work / f"{i}.sc.dcm"]
         outputs[0].write_bytes(to_bytes(result.sr))
@@ -353,6 +358,8 @@ class ThroughputResult:
     #: seconds_per_image / floor: the steady-state cost of an image next to the bare model, with
     #: the stages overlapped (pipeline.ratio_to_floor adds up the stages of one image instead).
     steady_ratio_to_floor: float = 0.0
+    #: Images/s of the bare batched forward + backward at `batch_size` (measured on a GPU only).
+    floor_images_per_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -389,12 +396,14 @@ def _all_jobs_done(engine: Any) -> bool:
 
 
 def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path],
-                 latency_files: Sequence[Path], work: Path, floor_s: float) -> tuple[ThroughputResult, EndToEndResult]:
+                 latency_files: Sequence[Path], work: Path, floor_s: float,
+                 batch_floor_s: float | None = None) -> tuple[ThroughputResult, EndToEndResult]:
     """Receiver + worker in this process, storescp as the PACS.
 
     Throughput: `drain_files` are received with no worker running, then one worker drains the
-    queue (infer, send and refer jobs). End to end: each of `latency_files` is sent alone and
-    timed from instances.received_at to finished_at of its send job."""
+    queue (infer, send and refer jobs) in batches of `worker.batch_size`. End to end: each of
+    `latency_files` is sent alone and timed from instances.received_at to finished_at of its send
+    job. `batch_floor_s`: the bare pass's seconds per image at that batch size (GPU fraction)."""
     from .db import Instance, Job
     from .node import open_runtime, receive_limits
     from .queue import SEND
@@ -416,9 +425,11 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
                 raise RuntimeError("bench: the worker stopped with jobs not done")
             device = str(inference.device)
             per_image = drained / len(drain_files)
+            gpu = device.startswith("cuda") and batch_floor_s is not None
             throughput = ThroughputResult(
-                len(drain_files), device, 1, len(drain_files) / drained, drained,
-                gpu_fraction_of_floor=floor_s / per_image if device.startswith("cuda") else None,
+                len(drain_files), device, worker.batch_size, len(drain_files) / drained, drained,
+                gpu_fraction_of_floor=batch_floor_s / per_image if gpu else None,
+                floor_images_per_s=1 / batch_floor_s if batch_floor_s else None,
                 prefetch=worker.prefetch, seconds_per_image=per_image,
                 steady_ratio_to_floor=per_image / floor_s)
 
@@ -608,7 +619,8 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="osteo-bench-") as tmp:
         work = Path(tmp)
-        n_cr = max(counts.cr_receive, counts.pipeline + 1, counts.throughput + counts.end_to_end,
+        n_drain = max(counts.throughput, 4 * settings.worker.batch_size)  # a few full batches
+        n_cr = max(counts.cr_receive, counts.pipeline + 1, n_drain + counts.end_to_end,
                    counts.memory_cr)
         n_dx = counts.dx_receive if "receive" in sections else 0
         say(f"writing {n_dx} DX 512x512 and {n_cr} CR images")
@@ -623,15 +635,22 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
             from .node import cam_override, resolve_device
 
             say(f"loading bundle {settings.model.bundle}")
-            loaded = load_bundle(settings.model.bundle, device=resolve_device(settings))
+            loaded = load_bundle(settings.model.bundle, device=resolve_device(settings), merged=True)
             report["model"] = model_info(loaded)
             report["machine"]["torch_threads"] = _torch_threads()
             spec = loaded.spec
             tensor = prepare(decode(dcmread(cr[0])), spec.input_size, spec.mean, spec.std,
                              display_max=settings.model.display_max).tensor
             floor_model = copy.deepcopy(loaded.classifier)  # the same weights without CAM hooks
-            floor_s = model_floor(floor_model, tensor, counts.floor_repeats, cam_block=loaded.cam.block)
-            inference = Inference(loaded, device=loaded.device, cam_method=cam_override(settings))
+            precision, batch = settings.model.precision, settings.worker.batch_size
+            floor_s = model_floor(floor_model, tensor, counts.floor_repeats, cam_block=loaded.cam.block,
+                                  precision=precision)
+            batch_floor_s = None
+            if loaded.device.startswith("cuda"):  # the GPU's bare throughput at the worker's batch size
+                batch_floor_s = model_floor(floor_model, tensor, counts.floor_repeats, batch=batch,
+                                            cam_block=loaded.cam.block, precision=precision) / batch
+            inference = Inference(loaded, device=loaded.device, cam_method=cam_override(settings),
+                                  precision=precision)
             if "pipeline" in sections:
                 say(f"pipeline: {counts.pipeline} CR images")
                 with dcmtk_storescp(work / "pipeline-pacs") as pacs_port:
@@ -641,10 +660,10 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
                 floor_s = pipeline.floor_s
             del floor_model
             if "node" in sections:
-                say(f"throughput ({counts.throughput} CR) and end to end ({counts.end_to_end} CR)")
+                say(f"throughput ({n_drain} CR) and end to end ({counts.end_to_end} CR)")
                 throughput, end_to_end = measure_node(
-                    settings, inference, cr[:counts.throughput],
-                    cr[counts.throughput:counts.throughput + counts.end_to_end], work / "node", floor_s)
+                    settings, inference, cr[:n_drain], cr[n_drain:n_drain + counts.end_to_end],
+                    work / "node", floor_s, batch_floor_s)
                 report["throughput"] = throughput.as_dict()
                 if str(inference.device).startswith("cuda"):
                     import torch
@@ -694,6 +713,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"throughput: {t['images_per_s']:.2f} images/s draining {t['n']} jobs on "
                      f"{t['device']} (batch {t['batch_size']}, prefetch {t['prefetch']}); "
                      f"{t['seconds_per_image']:.3f} s per image, {t['steady_ratio_to_floor']:.1f}x floor")
+        if t.get("gpu_fraction_of_floor") is not None:
+            lines.append(f"GPU: bare batched forward+backward {t['floor_images_per_s']:.1f} images/s; "
+                         f"gpu_fraction_of_floor {t['gpu_fraction_of_floor']:.2f}, peak GPU memory "
+                         f"{t.get('gpu_peak_mb', 0):.0f} MB")
     if "memory" in report:
         mem = report["memory"]
         lines.append(f"peak RSS: receiver {mem['receiver_peak_rss_mb']:.0f} MB, "

@@ -126,6 +126,8 @@ class DatabaseSettings(_Section):
 class ModelSettings(_Section):
     bundle: Annotated[str, AfterValidator(_bundle)] = "reference"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    #: "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" autocasts on CPU too (osteo_node.model.autocast).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: "bundle": the bundle's own choice (bundle.json "cam"); a method name overrides the method.
     cam_method: Literal["bundle", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam"] = "bundle"
     display_max: int = Field(default=1024, ge=256, le=4096)
@@ -141,6 +143,9 @@ class WorkerSettings(_Section):
     #: Infer jobs claimed and loaded (read, decode, preprocess) ahead while the model runs, with
     #: SR/SC and recording in a finishing thread; 0 = one job at a time, start to end.
     prefetch: int = Field(default=2, ge=0, le=16)
+    #: Infer jobs the model sees in one forward + backward pass (8-32 on a GPU; 1 on a CPU). Above
+    #: 1 the worker always overlaps loading, the model and reporting, as with prefetch.
+    batch_size: int = Field(default=1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _retry_order(self) -> "WorkerSettings":

@@ -487,13 +487,19 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap, prediction: Prediction
     heat = np.clip(heat, 0.0, 1.0)
     rows, cols = display.shape
 
-    # Colour map from OpenCV (the one pytorch_grad_cam.show_cam_on_image uses), BGR -> RGB.
-    colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
+    # Colour map from OpenCV (the one pytorch_grad_cam.show_cam_on_image uses), in BGR order.
+    bgr = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     alpha = MAX_ALPHA * np.clip((heat - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0)
-    gray = np.repeat(display[:, :, None], 3, axis=2).astype(np.float32)
-    blended = gray * (1.0 - alpha[:, :, None]) + colour * alpha[:, :, None]
-    image = np.where(alpha[:, :, None] > 0, np.round(blended), gray).astype(np.uint8)
+    # display * (1 - alpha) + colour * alpha in float32, one channel at a time; where alpha is 0
+    # this is exactly the display value (cold pixels stay pure grayscale).
+    base = display * (1.0 - alpha)
+    image = np.empty((rows, cols, 3), dtype=np.uint8)
+    channel = np.empty((rows, cols), dtype=np.float32)
+    for rgb, bgr_index in enumerate((2, 1, 0)):
+        channel[...] = bgr[:, :, bgr_index]
+        channel *= alpha
+        channel += base
+        image[:, :, rgb] = np.rint(channel, out=channel)
 
     lines = _banner_lines(prediction, heatmap.method)
     font_size = max(10, min(40, max(rows, cols) // 40))

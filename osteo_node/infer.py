@@ -5,6 +5,11 @@ its `outputs` attribute), so the prediction is read from that same pass; the bac
 predicted class then gives the gradients at the target layer (the bundle's CamChoice: method and
 block, see osteo_node.model.cam_target). Only the target layer's parameters require gradients, so
 backward stops there instead of running through the whole backbone.
+
+Several images go through in one pass (`run_batch`): the CAM library sums each image's
+predicted-class logit before the backward pass, and images do not interact in a ViT, so every
+image gets its own gradients. On CUDA the batch is copied from pinned memory without blocking and
+the pass runs under bf16 autocast unless the precision is "fp32" (osteo_node.model.autocast).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pytorch_grad_cam import EigenGradCAM, GradCAM, GradCAMPlusPlus, HiResCAM, L
 from pytorch_grad_cam.base_cam import BaseCAM
 
 from osteo_node.bundle import LoadedBundle
-from osteo_node.model import CAM_METHOD_NAMES, cam_target, gradients_down_to
+from osteo_node.model import CAM_METHOD_NAMES, PRECISIONS, autocast, cam_target, gradients_down_to
 from osteo_node.records import CLASS_NAMES, Heatmap, Prediction, PreparedImage
 
 logger = logging.getLogger(__name__)
@@ -39,11 +44,15 @@ assert tuple(CAM_METHODS) == CAM_METHOD_NAMES
 class Inference:
     """Prediction + saliency for prepared images with one loaded bundle."""
 
-    def __init__(self, bundle: LoadedBundle, device: str = "cpu", cam_method: str | None = None) -> None:
-        """cam_method: None uses the bundle's choice (bundle.cam); a name overrides its method only."""
+    def __init__(self, bundle: LoadedBundle, device: str = "cpu", cam_method: str | None = None,
+                 precision: str = "auto") -> None:
+        """cam_method: None uses the bundle's choice (bundle.cam); a name overrides its method only.
+        precision: one of osteo_node.model.PRECISIONS."""
         cam_method = cam_method or bundle.cam.method
         if cam_method not in CAM_METHODS:
             raise ValueError(f"cam_method must be one of {sorted(CAM_METHODS)}, got {cam_method!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
         if device != "cpu" and not device.startswith("cuda"):
@@ -52,6 +61,7 @@ class Inference:
         self.identity = bundle.identity
         self.device = torch.device(device)
         self.cam_method = cam_method
+        self.precision = precision
         model = bundle.classifier.to(self.device).eval()
         target_layers, reshape = cam_target(model, bundle.cam.block)
         gradients_down_to(model, target_layers)
@@ -78,9 +88,13 @@ class Inference:
                     f"prepared tensor has shape {item.tensor.shape}, bundle expects "
                     f"(3, {self._input_size}, {self._input_size})"
                 )
-        batch = torch.from_numpy(np.stack([p.tensor for p in prepared])).to(self.device)
+        batch = torch.from_numpy(np.stack([p.tensor for p in prepared]))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(self.device, non_blocking=True)
         # targets=None: the library picks the argmax class of each image from its own forward.
-        cams = self._cam(input_tensor=batch, targets=None)
+        with autocast(self.device, self.precision):
+            cams = self._cam(input_tensor=batch, targets=None)
         logits = self._cam.outputs.detach().float().cpu()
         probs = self.bundle.probabilities(logits).numpy().astype(np.float64)
         predictions: list[Prediction] = []

@@ -29,6 +29,7 @@ pooling head and the head trained; k >= depth trains everything including the em
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -300,7 +301,8 @@ class Classifier(nn.Module):
         return pooled
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixel_values))
+        """Logits (batch, classes), float32 also under bf16 autocast."""
+        return self.head(self.features(pixel_values)).float()
 
 
 def _lora_target_regex(targets: tuple[str, ...]) -> str:
@@ -351,6 +353,19 @@ def build_classifier(
         if not any("lora_" in n for n, _ in backbone.named_parameters()):
             raise ValueError(f"LoRA targets {spec.targets} matched no module of {spec.family!r}")
     return Classifier(backbone, spec)
+
+
+#: Numeric precision of a forward (+ backward) pass: "auto" is bf16 autocast on CUDA, fp32 on CPU.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast for "bf16" (CPU or CUDA) and for "auto" on CUDA; no autocast otherwise."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def trainable_parameter_count(model: nn.Module) -> int:
@@ -416,7 +431,8 @@ def cam_target(classifier: Classifier, block: int = -1
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"{n} patch tokens do not form a square grid")
-        return patches.reshape(patches.shape[0], side, side, patches.shape[2]).permute(0, 3, 1, 2)
+        grid = patches.reshape(patches.shape[0], side, side, patches.shape[2]).permute(0, 3, 1, 2)
+        return grid.float()  # grad-cam reads it through numpy, which has no bfloat16
 
     return [layer], reshape_transform
 
@@ -442,6 +458,8 @@ __all__ = [
     "backbone_blocks",
     "num_prefix_tokens",
     "trainable_parameter_count",
+    "PRECISIONS",
+    "autocast",
     "CAM_METHOD_NAMES",
     "CamChoice",
     "cam_target",

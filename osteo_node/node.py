@@ -71,10 +71,12 @@ def load_inference(settings: Settings) -> Inference:
     from .infer import Inference
 
     device = resolve_device(settings)
-    bundle = load_bundle(settings.model.bundle, device=device)
-    log.info("model %s %s (Device UID %s) on %s", bundle.identity.name, bundle.identity.version,
-             bundle.identity.device_uid, device)
-    return Inference(bundle, device=device, cam_method=cam_override(settings))
+    bundle = load_bundle(settings.model.bundle, device=device, merged=True)
+    log.info("model %s %s (Device UID %s) on %s, precision %s, batch size %d", bundle.identity.name,
+             bundle.identity.version, bundle.identity.device_uid, device, settings.model.precision,
+             settings.worker.batch_size)
+    return Inference(bundle, device=device, cam_method=cam_override(settings),
+                     precision=settings.model.precision)
 
 
 def cam_override(settings: Settings) -> str | None:

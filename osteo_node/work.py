@@ -5,11 +5,12 @@ store and records the result, which queues one `send` job per destination. A `se
 C-STOREs the results to its destination. Failures go back to the queue, which retries with
 backoff or dead-letters; the worker never loops on a failure itself.
 
-With `worker.prefetch` > 0 an inference worker overlaps images (`Pipelined`): while the model
-runs on one image in the worker's own thread, the next infer jobs are claimed and loaded (read,
-decode, preprocess) in a loader thread, and the images the model has seen are reported (SR, SC),
-written and recorded in a finishing thread. A job is completed only after its files are
-written; jobs claimed ahead but not started are handed back when the worker stops.
+With `worker.prefetch` > 0 or `worker.batch_size` > 1 an inference worker overlaps images
+(`Pipelined`): while the model runs on one image (or one batch) in the worker's own thread, the
+next infer jobs are claimed and loaded (read, decode, preprocess) in loader threads, and the images
+the model has seen are reported (SR, SC), written and recorded in a finishing thread. A job is
+completed only after its files are written; jobs claimed ahead but not started are handed back
+when the worker stops.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import socket
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -70,13 +71,15 @@ class Worker:
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_s, w.retry_max_s)
         self.destinations = {d.name: d for d in settings.destinations}
         self.prefetch = w.prefetch if inference is not None else 0
+        self.batch_size = w.batch_size if inference is not None else 1
 
     def run(self, stop: threading.Event, *, until_idle: bool = False) -> None:
         """Work until `stop` is set; sleeps `poll_interval_s` when the queue is empty.
 
         `until_idle`: return instead, once nothing is due and nothing is in hand (the bench's drain).
         """
-        log.info("worker %s started (%s; prefetch %d)", self.name, ", ".join(self.kinds), self.prefetch)
+        log.info("worker %s started (%s; prefetch %d, batch size %d)", self.name, ", ".join(self.kinds),
+                 self.prefetch, self.batch_size)
         with self._steps(stop) as step:
             while not stop.is_set():
                 try:
@@ -95,7 +98,7 @@ class Worker:
     @contextlib.contextmanager
     def _steps(self, stop: threading.Event) -> Iterator[Callable[[], bool]]:
         """The loop's step: `run_once`, or a `Pipelined` worker's step, closed on the way out."""
-        if self.prefetch == 0:
+        if self.prefetch == 0 and self.batch_size == 1:
             yield self.run_once
             return
         with Pipelined(self, stop) as pipelined:
@@ -164,7 +167,7 @@ class Worker:
         spec = self._inference().bundle.spec
         return source_uid, pipeline.load(source, spec, self.settings.model.display_max)
 
-    def examine(self, loaded: Loaded) -> Examined:
+    def examine(self, loaded: Sequence[Loaded]) -> list[Examined]:
         return pipeline.examine(loaded, self._inference())
 
     def report(self, job: JobRecord, source_uid: str, examined: Examined) -> None:
@@ -254,23 +257,28 @@ class Worker:
 
 
 class Pipelined:
-    """The steps of an inference worker that overlaps images (`worker.prefetch` > 0).
+    """The steps of an inference worker that overlaps images (`worker.prefetch` > 0 or
+    `worker.batch_size` > 1).
 
-    One step, in the worker's thread: claim until `depth` infer jobs are queued for loading
-    beyond the next one (read, decode, preprocess, one after the other in the `loader` thread; a
-    send or refer job claimed on the way is run at once), take the oldest, run the model on it and
-    hand it to the `finisher` thread, which builds the SR and SC, writes them and records the
-    result. The model stays in the worker's own thread, as in sequential mode, and at most `depth`
-    images wait for the finisher. Each part fails its job exactly as `Worker.run_once` does.
+    One step, in the worker's thread: claim until `batch + depth` infer jobs are loading (read,
+    decode, preprocess, in the `loader` threads; a send or refer job claimed on the way is run at
+    once), take the oldest `batch` of them (fewer when fewer are due: no waiting for more), run the
+    model on them in one pass and hand each to the `finisher` thread, which builds the SR and SC,
+    writes them and records the result. The model stays in the worker's own thread, as in
+    sequential mode, and at most `depth + batch - 1` images wait for the finisher. Each part fails
+    its job exactly as `Worker.run_once` does; when a batch fails, its images are run one by one so
+    that only the culprit fails.
     """
 
     def __init__(self, worker: Worker, stop: threading.Event) -> None:
         self.worker = worker
         self.stop = stop
         self.depth = worker.prefetch
-        # One loader thread: a decode holds ~10x the image in float64 intermediates (140 MB for a
-        # 7 MB CR), and the finisher, not the loader, is the slower of the two.
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="osteo-load")
+        self.batch = worker.batch_size
+        # One loader thread per image of a batch, at most one per core (at batch 1 the finisher,
+        # not the loader, is the slower; each decode holds ~3x the image in intermediates).
+        self.loader = ThreadPoolExecutor(min(self.batch, os.cpu_count() or 1),
+                                         thread_name_prefix="osteo-load")
         self.finisher = ThreadPoolExecutor(1, thread_name_prefix="osteo-finish")
         #: Claimed infer jobs, oldest first, each with its load (SOP Instance UID, Loaded).
         self.ahead: deque[tuple[JobRecord, Future[tuple[str, Loaded]]]] = deque()
@@ -284,7 +292,7 @@ class Pipelined:
         self.close()
 
     def step(self) -> bool:
-        """Advance by one image (or one send/refer job); False when nothing is due or in hand."""
+        """Advance by one batch (or one send/refer job); False when nothing is due or in hand."""
         self._collect(wait=False)
         claimed = self._fill()
         if not self.ahead:
@@ -292,19 +300,24 @@ class Pipelined:
                 self._collect(wait=True)
                 return True
             return claimed
-        job, loading = self.ahead.popleft()
-        examined = self.worker.attempt(job, partial(self._examine, loading))
-        if examined is not None:
+        jobs, loaded = [], []
+        for _ in range(min(self.batch, len(self.ahead))):
+            job, loading = self.ahead.popleft()
+            item = self.worker.attempt(job, loading.result)  # raises the load's error, failing the job
+            if item is not None:
+                jobs.append(job)
+                loaded.append(item)
+        for job, (source_uid, examined) in self._examine(jobs, loaded):
             self.finishing.append(self.finisher.submit(
-                self.worker.attempt, job, partial(self.worker.report, job, *examined)))
-            while len(self.finishing) > self.depth:  # the finisher is behind: wait for it
-                self.finishing.popleft().result()
+                self.worker.attempt, job, partial(self.worker.report, job, source_uid, examined)))
+        while len(self.finishing) > self.depth + self.batch - 1:  # the finisher is behind: wait
+            self.finishing.popleft().result()
         return True
 
     def _fill(self) -> bool:
-        """Claim until depth + 1 infer jobs are loading; True when a job was claimed."""
+        """Claim until batch + depth infer jobs are loading; True when a job was claimed."""
         claimed = False
-        while len(self.ahead) <= self.depth and not self.stop.is_set():
+        while len(self.ahead) < self.batch + self.depth and not self.stop.is_set():
             job = self.worker.claim()
             if job is None:
                 break
@@ -315,9 +328,23 @@ class Pipelined:
             self.ahead.append((job, self.loader.submit(self.worker.load, job)))
         return claimed
 
-    def _examine(self, loading: Future[tuple[str, Loaded]]) -> tuple[str, Examined]:
-        source_uid, loaded = loading.result()  # raises the load's error, failing the job
-        return source_uid, self.worker.examine(loaded)
+    def _examine(self, jobs: list[JobRecord], loaded: list[tuple[str, Loaded]]
+                 ) -> list[tuple[JobRecord, tuple[str, Examined]]]:
+        """The model on the loaded images, in one pass; one by one when that pass fails."""
+        if len(loaded) > 1:
+            try:
+                examined = self.worker.examine([item for _, item in loaded])
+            except Exception as exc:
+                log.warning("a batch of %d images failed (%s); running them one by one",
+                            len(loaded), type(exc).__name__)
+            else:
+                return [(job, (uid, ex)) for job, (uid, _), ex in zip(jobs, loaded, examined)]
+        done = []
+        for job, (uid, item) in zip(jobs, loaded):
+            examined_one = self.worker.attempt(job, partial(self.worker.examine, [item]))
+            if examined_one is not None:
+                done.append((job, (uid, examined_one[0])))
+        return done
 
     def _collect(self, *, wait: bool) -> None:
         """Take the finisher's outcomes in order (all of them, or those already there), raising

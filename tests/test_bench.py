@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import require_tool
 
 from osteo_node.bench import Counts, format_table, run_bench, summary
 from osteo_node.cli import main
-from osteo_node.config import Settings
+from osteo_node.config import Settings, parse_settings
 
 TINY_COUNTS = Counts(dx_receive=6, cr_receive=2, pipeline=2, throughput=2, end_to_end=2, memory_cr=2,
                      floor_repeats=2)
@@ -70,3 +71,17 @@ def test_bench_reports_every_figure(tiny_bundle: str) -> None:
     for path, value in numbers({k: report[k] for k in ("receive", "pipeline", "throughput", "memory")}):
         assert math.isfinite(value) and value > 0, f"{path} = {value}"
     assert "ratio_vs_storescp" in format_table(report)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_throughput_is_measured_at_the_configured_batch_size(tiny_bundle: str) -> None:
+    for tool in ("storescu", "storescp"):
+        require_tool(tool)
+    settings = parse_settings({"worker": {"batch_size": 2}}, Path.cwd())
+    report = run_bench(settings, bundle=tiny_bundle, counts=TINY_COUNTS, sections=("node",))
+    throughput = report["throughput"]
+    assert throughput["batch_size"] == 2 and throughput["n"] == 8  # four full batches drained
+    assert throughput["images_per_s"] > 0 and report["pipeline"]["end_to_end"]["n"] == TINY_COUNTS.end_to_end
+    assert throughput["gpu_fraction_of_floor"] is None and throughput["floor_images_per_s"] is None  # CPU
+    assert "(batch 2, prefetch 2)" in format_table(report)

@@ -9,7 +9,7 @@ import torch
 
 from osteo_node.bundle import LoadedBundle, export_bundle, load_bundle, resolve_bundle_path
 from osteo_node.errors import BundleError
-from osteo_node.model import FAMILIES, METHODS, CamChoice, build_classifier
+from osteo_node.model import FAMILIES, METHODS, CamChoice, backbone_blocks, build_classifier, cam_target
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 
@@ -42,6 +42,12 @@ def test_export_load_gives_identical_probabilities(tmp_path, family, method):
         actual = torch.softmax(loaded.classifier(x), -1)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
     assert loaded.spec.method == method and loaded.spec.family == family
+    merged = load_bundle(out, merged=True)  # as the node serves it: LoRA folded into the weights
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(merged.classifier(x), -1), expected, rtol=0, atol=1e-5)
+    assert not any("lora_" in name for name, _ in merged.classifier.named_parameters())
+    assert len(backbone_blocks(merged.classifier.backbone)) == len(backbone_blocks(loaded.classifier.backbone))
+    cam_target(merged.classifier, -1)  # the CAM finds its layer in the merged backbone
 
 
 def test_manifest_and_identity(tmp_path):

@@ -69,9 +69,42 @@ def test_cam_methods_and_batch(tmp_path, rg1, method):
                              box=prepared.box)
     inference = Inference(bundle, cam_method=method)
     predictions, heatmaps = inference.run_batch([prepared, flipped])
-    single, _ = inference.run(prepared)
-    np.testing.assert_allclose(predictions[0].probabilities, single.probabilities, atol=1e-5)
     assert all(h.method == method and h.values.shape == prepared.display.shape for h in heatmaps)
+    for item, prediction, heatmap in zip((prepared, flipped), predictions, heatmaps):
+        single, single_map = inference.run(item)  # each image of a batch gets its own gradients
+        np.testing.assert_allclose(prediction.probabilities, single.probabilities, atol=1e-5)
+        np.testing.assert_allclose(heatmap.values, single_map.values, atol=1e-3)
+    assert not np.allclose(heatmaps[0].values, heatmaps[1].values, atol=0.05)
+
+
+def test_a_merged_lora_bundle_gives_the_same_answer_and_map(tmp_path, rg1):
+    bundle = _bundle(tmp_path)  # LoRA adapters moved away from zero
+    merged = load_bundle(bundle.path, merged=True)
+    prepared = prepare_dataset(rg1, INPUT_SIZE, bundle.spec.mean, bundle.spec.std, display_max=128)
+    (a, map_a), (b, map_b) = Inference(bundle).run(prepared), Inference(merged).run(prepared)
+    np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-5)
+    np.testing.assert_allclose(map_b.values, map_a.values, atol=1e-3)
+    assert b.model == a.model  # the same bundle identity in the SR
+
+
+def test_bf16_autocast_gives_the_fp32_answer_to_bf16_precision(tmp_path, rg1):
+    bundle = _bundle(tmp_path)
+    images = [prepare_dataset(rg1, INPUT_SIZE, bundle.spec.mean, bundle.spec.std, display_max=128)]
+    images.append(type(images[0])(display=images[0].display[::-1].copy(),
+                                  tensor=images[0].tensor[:, ::-1].copy(), box=images[0].box))
+    fp32 = Inference(bundle, precision="fp32")
+    exact, exact_maps = fp32.run_batch(images)
+    fp32.close()
+    bf16 = Inference(bundle, precision="bf16")  # autocast on the CPU too when asked by name
+    approx, approx_maps = bf16.run_batch(images)
+    bf16.close()
+    for a, b, map_a, map_b in zip(exact, approx, exact_maps, approx_maps):
+        assert a.probabilities != b.probabilities  # bf16 really ran: not bit-identical
+        np.testing.assert_allclose(b.probabilities, a.probabilities, atol=0.02)
+        assert b.category == a.category and map_b.values.dtype == np.float32
+        assert np.corrcoef(map_a.values.ravel(), map_b.values.ravel())[0, 1] > 0.9
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Inference(bundle, precision="fp16")
 
 
 def test_wrong_input_size_and_device(tmp_path, rg1):

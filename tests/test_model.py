@@ -9,6 +9,7 @@ from osteo_node.model import (
     FAMILIES,
     METHODS,
     ModelSpec,
+    autocast,
     backbone_blocks,
     build_classifier,
     cam_target,
@@ -155,3 +156,20 @@ def test_cam_target_block(sources):
     assert cam_target(clf, -2)[0][0] is blocks[-2].norm1 is cam_target(clf, 0)[0][0]
     with pytest.raises(ValueError, match="out of range"):
         cam_target(clf, len(blocks))
+
+
+def test_autocast_precisions(sources):
+    clf = build_classifier(tiny_spec("dinov2", sources["dinov2"], "linear")).eval()
+    x = torch.randn(2, 3, INPUT_SIZE, INPUT_SIZE)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        with autocast(cpu, "auto"):  # fp32 on a CPU
+            assert not torch.is_autocast_enabled("cpu")
+            fp32 = clf(x)
+        with autocast(cpu, "bf16"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            bf16 = clf(x)
+    assert fp32.dtype == bf16.dtype == torch.float32  # logits are float32 either way
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.1)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast(cpu, "fp16")

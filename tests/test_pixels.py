@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from osteo_node.errors import ImageError
@@ -129,3 +130,61 @@ def test_load_png_8_and_16_bit(tmp_path):
     (tmp_path / "c.png").write_bytes(b"not a png")
     with pytest.raises(ImageError, match="c.png"):
         load_png(tmp_path / "c.png")
+
+
+def _voi_lut(first: int, entries: int) -> list[Dataset]:
+    item = Dataset()
+    item.LUTDescriptor = [entries % 2**16, first, 16]  # 0 entries means 65536 (PS3.3 C.11.2.1.1)
+    item.LUTData = np.linspace(0, 65535, entries).astype(int).tolist()
+    return [item]
+
+
+def _per_pixel_float64(ds: Dataset) -> np.ndarray:
+    """decode() computed pixel by pixel in float64 (a window, a monotonic LUT or no VOI)."""
+    values = np.asarray(apply_modality_lut(ds.pixel_array, ds), np.float64)
+    if "VOILUTSequence" in ds:
+        lo, hi = float(ds.VOILUTSequence[0].LUTData[0]), float(ds.VOILUTSequence[0].LUTData[-1])
+        image = np.clip((apply_voi_lut(values, ds) - lo) / (hi - lo), 0.0, 1.0)
+    elif "WindowCenter" in ds:
+        with np.errstate(over="ignore"):  # SIGMOID far outside the window
+            lo, hi = apply_voi_lut(np.array([values.min() - 1e9, values.max() + 1e9]), ds)
+        image = np.clip((apply_voi_lut(values, ds) - lo) / (hi - lo), 0.0, 1.0)
+    else:
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        image = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        image = 1.0 - image
+    return image.astype(np.float32)
+
+
+_RNG = np.random.default_rng(7)
+_SIGNED16 = _RNG.integers(-2000, 3000, (60, 50)).astype(np.int16)
+_UNSIGNED16 = _RNG.integers(0, 2**16, (60, 50)).astype(np.uint16)
+_UNSIGNED12 = _RNG.integers(0, 4096, (60, 50)).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "photometric", "attrs"),
+    [
+        (_SIGNED16, "MONOCHROME2", dict(BitsStored=16, RescaleSlope=0.7, RescaleIntercept=-1024.3,
+                                        WindowCenter=40, WindowWidth=400)),
+        (_SIGNED16, "MONOCHROME1", dict(BitsStored=16, RescaleSlope=1, RescaleIntercept=-1024)),
+        (_UNSIGNED16, "MONOCHROME2",
+         dict(BitsStored=16, WindowCenter=30000, WindowWidth=5000, VOILUTFunction="SIGMOID")),
+        (_UNSIGNED16, "MONOCHROME1",
+         dict(BitsStored=16, WindowCenter=30000, WindowWidth=5000, VOILUTFunction="LINEAR_EXACT")),
+        (_UNSIGNED12, "MONOCHROME2", dict(VOILUTSequence=_voi_lut(first=500, entries=3000))),
+        # a LUT of more than 51712 entries: pydicom would wrap a far-away probe input around
+        (_UNSIGNED12, "MONOCHROME1", dict(VOILUTSequence=_voi_lut(first=0, entries=65536))),
+        (_UNSIGNED16, "MONOCHROME2", dict(BitsStored=16)),
+    ],
+    ids=["rescale-window", "rescale-percentiles", "sigmoid", "linear-exact-m1", "voi-lut",
+         "voi-lut-65536", "percentiles"],
+)
+@pytest.mark.filterwarnings("ignore:Applying a VOI LUT on a float input")
+def test_decode_by_table_equals_per_pixel_float64(pixels, photometric, attrs):
+    ds = _synthetic(pixels, photometric, **attrs)
+    expected = _per_pixel_float64(_synthetic(pixels, photometric, **attrs))
+    image = decode(ds)
+    assert image.dtype == np.float32 and 0.0 <= image.min() < image.max() <= 1.0
+    np.testing.assert_allclose(image, expected, rtol=0, atol=1e-6)

@@ -1,5 +1,6 @@
-"""The pipelined worker (worker.prefetch > 0) against the sequential one, on SQLite and PostgreSQL:
-same results, each job once, jobs claimed ahead handed back on stop, failures as before."""
+"""The pipelined worker (worker.prefetch > 0, worker.batch_size > 1) against the sequential one, on
+SQLite and PostgreSQL: same results, each job once, jobs claimed ahead handed back on stop, failures
+as before, a failing batch rerun image by image."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dicom_tools import synthetic_dx
 from osteo_node import migrate
 from osteo_node.bundle import load_bundle
 from osteo_node.config import Settings, parse_settings
-from osteo_node.db import Job, Result, make_engine
+from osteo_node.db import Instance, Job, Result, make_engine
 from osteo_node.infer import Inference
 from osteo_node.pipeline import Examined, Loaded
 from osteo_node.queue import DONE, FAILED, INFER, QUEUED, REFER, RUNNING, JobRecord, Queue, Received
@@ -46,9 +47,10 @@ def queue(database_url: str) -> Iterator[Queue]:
     engine.dispose()
 
 
-def settings(tmp_path: Path, prefetch: int) -> Settings:
+def settings(tmp_path: Path, prefetch: int, batch_size: int = 1) -> Settings:
     return parse_settings({"node": {"data_dir": str(tmp_path / "var")}, "destinations": [],
-                           "worker": {"prefetch": prefetch, "poll_interval_s": 0.01}}, tmp_path)
+                           "worker": {"prefetch": prefetch, "batch_size": batch_size,
+                                      "poll_interval_s": 0.01}}, tmp_path)
 
 
 def receive(queue: Queue, store: FileStore, folder: Path, seeds: range, *, tag: str = "",
@@ -126,6 +128,46 @@ def test_prefetch_gives_the_sequential_results_each_job_once(
                 assert len(theirs.ContentSequence) == len(ours.ContentSequence)
 
 
+def test_batches_give_the_sequential_results_and_a_failing_batch_is_rerun_image_by_image(
+        queue: Queue, inference: Inference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    store = FileStore(tmp_path / "store")
+    seeds = range(7)
+    sequential_ids = receive(queue, store, tmp_path / "a", seeds)
+    Worker(settings(tmp_path, 0), queue, store, inference).run(threading.Event(), until_idle=True)
+    batched_ids = receive(queue, store, tmp_path / "b", seeds, tag="9")
+    with Session(queue.engine) as session:
+        culprit = session.get(Instance, jobs(queue)[batched_ids[4]].instance_id).sop_instance_uid
+    worker = Worker(settings(tmp_path, 1, batch_size=3), queue, store, inference)
+    examine, batches = worker.examine, []
+
+    def examine_or_fail(loaded: list[Loaded]) -> list[Examined]:
+        batches.append(len(loaded))
+        if any(str(item.source.SOPInstanceUID) == culprit for item in loaded):
+            raise RuntimeError("the device ran out of memory")
+        return examine(loaded)
+
+    monkeypatch.setattr(worker, "examine", examine_or_fail)
+    worker.run(threading.Event(), until_idle=True)
+
+    assert max(batches) == 3 and 1 in batches  # batches of 3; the failing one rerun image by image
+    assert "a batch of 3 images failed (RuntimeError); running them one by one" in caplog.text
+    infer = jobs(queue)
+    failed = infer[batched_ids[4]]
+    assert (failed.state, failed.attempts) == (QUEUED, 1)  # only the culprit, retried with backoff
+    assert "the device ran out of memory" in (failed.last_error or "")
+    ok = [(a, b) for a, b in zip(sequential_ids, batched_ids) if b != batched_ids[4]]
+    assert all(infer[b].state == DONE and infer[b].attempts == 1 for _, b in ok)
+    found = results(queue)
+    for a, b in ok:
+        first, second = found[infer[a].instance_id], found[infer[b].instance_id]
+        assert second.category == first.category
+        assert (second.p_normal, second.p_osteopenia, second.p_osteoporosis) == pytest.approx(
+            (first.p_normal, first.p_osteopenia, first.p_osteoporosis), abs=1e-5)
+        ours, theirs = (dcmread(store.absolute(r.sc_path)).pixel_array.astype(int) for r in (first, second))
+        assert abs(ours - theirs).max() <= 1  # the same overlay, up to rounding of the map
+
+
 def test_stop_hands_back_jobs_claimed_ahead(queue: Queue, inference: Inference, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch,
                                             caplog: pytest.LogCaptureFixture) -> None:
@@ -136,7 +178,7 @@ def test_stop_hands_back_jobs_claimed_ahead(queue: Queue, inference: Inference, 
     worker = Worker(settings(tmp_path, 2), queue, store, inference)
     examine = worker.examine
 
-    def examine_then_stop(loaded: Loaded) -> Examined:
+    def examine_then_stop(loaded: list[Loaded]) -> list[Examined]:
         stop.set()  # SIGTERM while the model runs on the first image, two more claimed ahead
         return examine(loaded)
 
@@ -220,3 +262,15 @@ def test_database_error_while_recording_leaves_the_job_to_its_lease(
     lost = jobs(queue)[job_ids[0]]
     assert (lost.state, lost.attempts) == (RUNNING, 1)  # taken up again when its lease expires
     assert "database unavailable (OperationalError)" in caplog.text
+
+
+def test_a_loaded_image_keeps_its_header_and_not_its_pixels(inference: Inference, tmp_path: Path) -> None:
+    from osteo_node import pipeline
+
+    path = synthetic_dx(tmp_path / "dx.dcm", sex="F", age=70, size=96, seed=1)
+    loaded = pipeline.load(path, inference.bundle.spec, 512)
+    assert "PixelData" not in loaded.source and getattr(loaded.source, "_pixel_array", None) is None
+    assert loaded.source.SOPInstanceUID == dcmread(path).SOPInstanceUID
+    assert loaded.prepared.display.shape == (96, 96)
+    screening = pipeline.report(pipeline.examine([loaded], inference)[0])  # the reports need no pixels
+    assert screening.sc.Rows >= 96 and screening.sr.ContentSequence

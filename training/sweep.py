@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from osteo_node.bundle import load_bundle
-from osteo_node.model import FAMILIES, METHODS
+from osteo_node.model import FAMILIES, METHODS, PRECISIONS
 from training import compare as compare_mod
 from training import evaluate, report, train
 from training.data import read_manifest
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (>= 1000 for reports)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--allow-download", action="store_true")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--limit", type=int, help="rows per split (smoke tests)")

@@ -55,8 +55,10 @@ from osteo_node.model import (
     FAMILIES,
     METHODS,
     POOLINGS,
+    PRECISIONS,
     Classifier,
     ModelSpec,
+    autocast,
     build_classifier,
     trainable_parameter_count,
 )
@@ -133,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clinical-use", action="store_true", help="mark the bundle as cleared for clinical use")
     p.add_argument("--device", default="cpu")
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast on CPU too")
     p.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt when it exists")
     p.add_argument("--split-seed", type=int, help="seed of the patient-level split when the manifest has "
                    "no split column (default: --seed)")
@@ -176,12 +178,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA unless precision is fp32; a no-op on CPU."""
-    enabled = device.type == "cuda" and precision in ("auto", "bf16")
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @torch.no_grad()
