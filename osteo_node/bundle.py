@@ -254,7 +254,7 @@ def load_bundle(name_or_path: str | Path, device: str = "cpu", *, merged: bool =
     """Resolve, verify (sha256 of every file) and load a bundle; the classifier is in eval mode.
 
     merged: fold LoRA adapters into the base weights (peft `merge_and_unload`) for serving: the
-    same outputs from plain linear layers, ~17 % less time per forward + backward with ViT-B/14
+    same outputs from plain linear layers, 11-17 % less time per forward + backward with ViT-B/14
     (docs/performance.md). A merged classifier cannot be exported again as a LoRA bundle.
     """
     if device.startswith("cuda") and not torch.cuda.is_available():

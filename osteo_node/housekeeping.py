@@ -1,4 +1,5 @@
-"""Scheduled housekeeping (apscheduler): purge past retention, database statistics, daily summary.
+"""Scheduled housekeeping (apscheduler): purge past retention, sweep of files left by interrupted
+writes, database statistics, daily summary.
 
 Expired leases need no job of their own: the queue's claim takes a running job whose lease
 expired. Sends that are due are claimed by the workers like any job.
@@ -48,6 +49,20 @@ def purge(engine: Engine, store: FileStore, retention_days: int) -> int:
     return len(ids)
 
 
+#: Files in the store's tmp/ untouched this long are leftovers of an interrupted write or transfer.
+STALE_TMP_S = 3600.0
+
+
+def sweep(store: FileStore) -> int:
+    """Delete leftovers of interrupted writes and C-STOREs from the store's tmp/ (patient data
+    that nothing will ever use). Run at start and every hour."""
+    removed = store.sweep_tmp(STALE_TMP_S)
+    if removed:
+        log.warning("sweep: %d files left by interrupted writes or transfers deleted from %s",
+                    removed, store.root / "tmp")
+    return removed
+
+
 def analyze(engine: Engine) -> None:
     """Refresh the planner's statistics (ANALYZE on both SQLite and PostgreSQL)."""
     with engine.connect() as connection:
@@ -64,6 +79,8 @@ def start_scheduler(engine: Engine, store: FileStore, queue: Queue, retention_da
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(purge, "interval", hours=1, args=[engine, store, retention_days], id="purge",
                       max_instances=1, coalesce=True)
+    scheduler.add_job(sweep, "interval", hours=1, args=[store], id="sweep", max_instances=1,
+                      coalesce=True, next_run_time=dt.datetime.now(dt.timezone.utc))
     scheduler.add_job(analyze, "cron", hour=3, args=[engine], id="analyze", coalesce=True)
     scheduler.add_job(summary, "cron", hour=6, args=[queue], id="summary", coalesce=True)
     scheduler.start()

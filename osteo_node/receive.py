@@ -33,6 +33,7 @@ from . import audit
 from .config import DicomSettings
 from .eligibility import SCREENED_SOP_CLASSES, EligibilityRules, decide
 from .errors import StoreError
+from .housekeeping import sweep
 from .observe import RECEIVED
 from .queue import Queue, Received
 from .store import FileStore
@@ -309,6 +310,7 @@ def start_receiver(
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.LOG_HANDLER_LEVEL = "none"
     _check_temp_folder(store)
+    sweep(store)  # leftovers of transfers cut short by a crash (the worker also sweeps hourly)
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [queue, store, rules, limits]),

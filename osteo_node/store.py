@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import StoreError
@@ -107,6 +108,23 @@ class FileStore:
             raise
         _fsync(target.parent)
         return target
+
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Delete the files left in tmp/ by writes and transfers that were cut short (a crash, a
+        killed process): partial copies of patient data. Only files untouched for `older_than_s`
+        seconds go; a write or a transfer in progress touches its file all the time. Returns how
+        many were deleted."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        with os.scandir(self.root / "tmp") as entries:
+            for entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:  # renamed into the store or deleted meanwhile
+                    continue
+        return removed
 
     def delete(self, relative: str) -> None:
         self.absolute(relative).unlink(missing_ok=True)

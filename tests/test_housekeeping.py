@@ -1,8 +1,11 @@
-"""Housekeeping: retention purges only instances whose every job is done."""
+"""Housekeeping: retention purges only instances whose every job is done; the sweep deletes only
+stale leftovers of interrupted writes and transfers."""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import time
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -10,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from osteo_node import migrate
 from osteo_node.db import Instance, Result, make_engine, utcnow
-from osteo_node.housekeeping import analyze, purge
+from osteo_node.housekeeping import STALE_TMP_S, analyze, purge, start_scheduler, sweep
 from osteo_node.queue import INFER, SEND, Queue, Received, RetryPolicy
 from osteo_node.store import FileStore
 
@@ -61,4 +64,31 @@ def test_purge_keeps_anything_unsent_or_recent(tmp_path: Path, database_url: str
     assert purged == {"1.1"}
     assert purge(engine, store, retention_days=30) == 0  # idempotent
     analyze(engine)
+    engine.dispose()
+
+
+def test_sweep_deletes_stale_leftovers_only_and_runs_as_the_scheduler_starts(
+        tmp_path: Path, database_url: str) -> None:
+    engine = make_engine(database_url)
+    migrate.upgrade(engine)
+    store = FileStore(tmp_path / "store")
+    stale = [store.root / "tmp" / "tmp1x2y.dcm", store.root / "tmp" / "tmpk3.part"]  # a C-STORE, a write
+    for path in stale:
+        path.write_bytes(b"\0" * 128 + b"DICM partial data set")
+        then = time.time() - STALE_TMP_S - 60
+        os.utime(path, (then, then))
+    fresh = store.root / "tmp" / "tmpq9.dcm"  # a transfer in progress
+    fresh.write_bytes(b"\0" * 128 + b"DICM")
+    scheduler = start_scheduler(engine, store, Queue(engine), retention_days=30)
+    try:
+        deadline = time.monotonic() + 30
+        while any(path.exists() for path in stale):
+            assert time.monotonic() < deadline, "the sweep did not run at start"
+            time.sleep(0.05)
+        assert {job.id for job in scheduler.get_jobs()} >= {"sweep", "purge"}
+    finally:
+        scheduler.shutdown()
+    assert fresh.exists()
+    assert sweep(store) == 0 and fresh.exists()
+    assert store.sweep_tmp(older_than_s=-1) == 1 and not fresh.exists()
     engine.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from osteo_node import migrate
 from osteo_node.config import DicomSettings
 from osteo_node.db import Instance, Job, make_engine
 from osteo_node.eligibility import EligibilityRules
+from osteo_node.housekeeping import STALE_TMP_S
 from osteo_node.queue import Queue
 from osteo_node.receive import ReceiveLimits, start_receiver
 from osteo_node.store import FileStore
@@ -111,6 +114,21 @@ def test_streamed_data_set_is_written_back_early_and_renamed_in(
     assert all(a + n == b for (a, n), (b, _) in zip(advised, advised[1:]))  # contiguous ranges
     (instance,) = node.instances().values()
     assert dcmread(node.store.absolute(instance.path)).PixelData == dcmread(chest).PixelData
+
+
+def test_start_sweeps_stale_leftovers_of_interrupted_transfers(database_url: str, tmp_path: Path) -> None:
+    """A receiver killed mid-transfer leaves pynetdicom's temporary file (with TMPDIR under the
+    store, as the systemd unit sets it); the next start deletes it once it is stale."""
+    leftover = tmp_path / "store" / "tmp" / "tmpw8a1.dcm"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"\0" * 128 + b"DICM" + b"partial data set of a patient")
+    then = time.time() - STALE_TMP_S - 1
+    os.utime(leftover, (then, then))
+    recent = leftover.with_name("tmpz0q2.dcm")
+    recent.write_bytes(b"\0" * 128 + b"DICM")
+    for node in start(database_url, tmp_path):
+        assert not leftover.exists() and recent.exists()
+        assert storescu(node.port, Path(get_testdata_file("RG1_UNCR.dcm"))) == ["Success"]
 
 
 def test_duplicate_instance_creates_no_second_job(node: Node) -> None:
