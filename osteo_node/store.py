@@ -61,7 +61,7 @@ class FileStore:
         """Write `data` durably at `relative`; returns the absolute path."""
         target = self.absolute(relative)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folder(target.parent)
             fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
@@ -83,7 +83,7 @@ class FileStore:
         """
         target = self.absolute(relative)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folder(target.parent)
             _fsync(source)
             try:
                 os.replace(source, target)
@@ -95,6 +95,15 @@ class FileStore:
         except OSError as exc:
             raise StoreError(f"could not store {relative}: {exc.strerror}") from exc
         return target
+
+    @staticmethod
+    def _folder(folder: Path) -> None:
+        """Create a bucket folder (e.g. incoming/ab/) durably: its entry in the folder above is
+        fsynced too, once, when it is made; the file's own folder fsync does not cover it."""
+        if folder.is_dir():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync(folder.parent)
 
     def _copy_in(self, source: Path, target: Path) -> Path:
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".part")

@@ -32,6 +32,24 @@ def test_write_replaces_atomically_and_leaves_no_temp_files(tmp_path: Path) -> N
         store.output_path("1.2.3", "4.5.6", "xx")
 
 
+def test_a_new_bucket_folder_is_made_durable_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from osteo_node import store as module
+
+    synced: list[Path] = []
+    real_fsync = module._fsync
+    monkeypatch.setattr(module, "_fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
+    store = FileStore(tmp_path)
+    first = store.incoming_path("1.2.3")
+    store.write(first, b"one")
+    bucket = store.absolute(first).parent
+    assert synced == [tmp_path / "incoming", bucket]  # the new bucket's entry, then the file's folder
+    synced.clear()
+    source = tmp_path / "streamed.dcm"
+    source.write_bytes(b"two")
+    store.adopt(store.incoming_path("1.2.3"), source)  # the bucket exists now: no extra flush
+    assert synced == [source, bucket]
+
+
 def test_adopt_renames_a_file_on_the_same_filesystem(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     source = tmp_path / "streamed.dcm"
