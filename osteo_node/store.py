@@ -36,6 +36,13 @@ class FileStore:
         self.root = Path(root)
         for sub in ("incoming", "outputs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for sub in ("incoming", "outputs"):  # all 256 buckets up front: no write has to make one
+            missing = [self.root / sub / f"{i:02x}" for i in range(256)]
+            missing = [folder for folder in missing if not folder.is_dir()]
+            for folder in missing:
+                folder.mkdir(exist_ok=True)
+            if missing:
+                _fsync(self.root / sub)
 
     @staticmethod
     def _key(uid: str) -> str:
@@ -98,8 +105,9 @@ class FileStore:
 
     @staticmethod
     def _folder(folder: Path) -> None:
-        """Create a bucket folder (e.g. incoming/ab/) durably: its entry in the folder above is
-        fsynced too, once, when it is made; the file's own folder fsync does not cover it."""
+        """Make sure a bucket folder (e.g. incoming/ab/) exists durably: one removed since the
+        store was opened is made again and its entry in the folder above fsynced (the file's own
+        folder fsync does not cover it)."""
         if folder.is_dir():
             return
         folder.mkdir(parents=True, exist_ok=True)

@@ -32,22 +32,28 @@ def test_write_replaces_atomically_and_leaves_no_temp_files(tmp_path: Path) -> N
         store.output_path("1.2.3", "4.5.6", "xx")
 
 
-def test_a_new_bucket_folder_is_made_durable_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bucket_folders_are_made_durable_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from osteo_node import store as module
 
     synced: list[Path] = []
     real_fsync = module._fsync
     monkeypatch.setattr(module, "_fsync", lambda path: (synced.append(Path(path)), real_fsync(path)))
     store = FileStore(tmp_path)
+    assert synced == [tmp_path / "incoming", tmp_path / "outputs"]  # once each, for 256 buckets each
+    assert len(list((tmp_path / "incoming").iterdir())) == len(list((tmp_path / "outputs").iterdir())) == 256
+    synced.clear()
+    FileStore(tmp_path)  # opened again: nothing to make, nothing to flush
     first = store.incoming_path("1.2.3")
     store.write(first, b"one")
     bucket = store.absolute(first).parent
-    assert synced == [tmp_path / "incoming", bucket]  # the new bucket's entry, then the file's folder
+    assert synced == [bucket]  # the file's folder only
     synced.clear()
+    bucket.joinpath(Path(first).name).unlink()
+    bucket.rmdir()  # a bucket removed while the node runs is made again, durably
     source = tmp_path / "streamed.dcm"
     source.write_bytes(b"two")
-    store.adopt(store.incoming_path("1.2.3"), source)  # the bucket exists now: no extra flush
-    assert synced == [source, bucket]
+    store.adopt(first, source)
+    assert synced == [tmp_path / "incoming", source, bucket]
 
 
 def test_adopt_renames_a_file_on_the_same_filesystem(tmp_path: Path) -> None:
