@@ -403,7 +403,8 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
     Throughput: `drain_files` are received with no worker running, then one worker drains the
     queue (infer, send and refer jobs) in batches of `worker.batch_size`. End to end: each of
     `latency_files` is sent alone and timed from instances.received_at to finished_at of its send
-    job. `batch_floor_s`: the bare pass's seconds per image at that batch size (GPU fraction)."""
+    job. `batch_floor_s`: the bare pass's seconds per image at that batch size, given on a GPU only
+    (gpu_fraction_of_floor)."""
     from .db import Instance, Job
     from .node import open_runtime, receive_limits
     from .queue import SEND
@@ -425,10 +426,9 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
                 raise RuntimeError("bench: the worker stopped with jobs not done")
             device = str(inference.device)
             per_image = drained / len(drain_files)
-            gpu = device.startswith("cuda") and batch_floor_s is not None
             throughput = ThroughputResult(
                 len(drain_files), device, worker.batch_size, len(drain_files) / drained, drained,
-                gpu_fraction_of_floor=batch_floor_s / per_image if gpu else None,
+                gpu_fraction_of_floor=batch_floor_s / per_image if batch_floor_s else None,
                 floor_images_per_s=1 / batch_floor_s if batch_floor_s else None,
                 prefetch=worker.prefetch, seconds_per_image=per_image,
                 steady_ratio_to_floor=per_image / floor_s)

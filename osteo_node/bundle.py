@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from osteo_node import __version__
 from osteo_node.errors import BundleError
-from osteo_node.model import CamChoice, Classifier, ModelSpec, backbone_blocks, build_classifier
+from osteo_node.model import CamChoice, Classifier, ModelSpec, build_classifier, cam_target
 from osteo_node.records import CLASS_NAMES, ModelIdentity
 from osteo_node.uids import new_uid
 
@@ -280,11 +280,9 @@ def load_bundle(name_or_path: str | Path, device: str = "cpu", *, merged: bool =
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise BundleError(f"bundle {path}: cannot build the classifier: {exc}") from exc
     try:
-        cam = CamChoice.from_dict(manifest.get("cam") or {})
-        depth = len(backbone_blocks(classifier.backbone))
-        if not -depth <= cam.block < depth:
-            raise ValueError(f"block {cam.block} is out of range: the backbone has {depth} blocks")
-    except (ValueError, AttributeError) as exc:
+        # The chosen method is known and its block has the layer the CAM hooks (as the node will).
+        cam_target(classifier, CamChoice.from_dict(manifest.get("cam") or {}).block)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise BundleError(f"bundle {path}: {MANIFEST} key 'cam': {exc}") from exc
     classifier.to(device).eval()
     identity = ModelIdentity(

@@ -4,8 +4,7 @@ read -> decode -> preprocess -> infer + explain (one forward+backward) -> report
 Stages never call each other; this module is the only place that knows their order. The path is
 cut in three parts so that a worker can overlap them across images (osteo_node.work): `load`
 (read, decode, preprocess), `examine` (the model, one batch of images at a time) and `report`
-(SR, SC). `screen` runs the three
-in a row.
+(SR, SC). `screen` runs the three in a row.
 """
 
 from __future__ import annotations

@@ -37,8 +37,8 @@ class FileStore:
         for sub in ("incoming", "outputs", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("incoming", "outputs"):  # all 256 buckets up front: no write has to make one
-            missing = [self.root / sub / f"{i:02x}" for i in range(256)]
-            missing = [folder for folder in missing if not folder.is_dir()]
+            buckets = [self.root / sub / f"{i:02x}" for i in range(256)]
+            missing = [folder for folder in buckets if not folder.is_dir()]
             for folder in missing:
                 folder.mkdir(exist_ok=True)
             if missing:
@@ -136,7 +136,8 @@ class FileStore:
         with os.scandir(self.root / "tmp") as entries:
             for entry in entries:
                 try:
-                    if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
+                    if entry.is_file(follow_symlinks=False) and stale:
                         os.unlink(entry.path)
                         removed += 1
                 except FileNotFoundError:  # renamed into the store or deleted meanwhile
