@@ -8,11 +8,12 @@ aborted, or a peer that answers without a Status) is a failure like any non-succ
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -25,6 +26,16 @@ log = logging.getLogger(__name__)
 SUCCESS_OR_WARNING = {0x0000, 0xB000, 0xB007, 0xB006}
 
 
+def _no_delay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN: turn Nagle's algorithm off on the connection's socket.
+
+    pynetdicom writes a C-STORE as a small command PDU and then the data set's PDUs; with Nagle
+    on, the data set's last partial segment waits for the ACK of the command, which the peer
+    delays (up to 40 ms on Linux), on every C-STORE. dcm4che turns it off by default too.
+    """
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _associate(ae: AE, destination: Destination) -> Association:
     """Associate with `destination` (over TLS when configured) or raise SendError."""
     tls = None
@@ -33,7 +44,7 @@ def _associate(ae: AE, destination: Destination) -> Association:
         # destination is addressed by IP, where the certificate's IP SAN is matched instead.
         tls = (client_context(destination.tls), destination.host)
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         tls_args=tls)
+                         tls_args=tls, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
         raise SendError(
             f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
