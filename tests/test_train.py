@@ -86,3 +86,23 @@ def test_train_command_refuses_missing_source(tmp_path):
                            str(_manifest(tmp_path)), "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--random-init" in done.stderr
+
+
+def test_sizing_bundle_command_exports_an_untrained_lora_bundle(tmp_path):
+    config = tmp_path / "vit.json"
+    config.write_text(json.dumps({"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                  "intermediate_size": 64, "patch_size": 14, "image_size": 56}))
+    out = tmp_path / "sizing"
+    done = subprocess.run([sys.executable, "-m", "training.cli", "sizing-bundle", "--random-init", str(config),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.splitlines()[-1])
+    assert printed["input_size"] == 56 and printed["method"] == "lora" and printed["name"] == "sizing"
+    bundle = load_bundle(out, merged=True)
+    assert bundle.spec.input_size == 56 and bundle.spec.method == "lora"
+    assert bundle.identity.clinical_use is False
+    assert "Sizing only" in bundle.manifest["intended_use"]
+    assert bundle.classifier(torch.zeros(1, 3, 56, 56)).shape == (1, 3)
+    refused = subprocess.run([sys.executable, "-m", "training.cli", "sizing-bundle", "--random-init", "vit-huge",
+                              "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "vit-b14" in refused.stderr

@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "sweep": "training.sweep",
     "explain": "training.explain",
     "cam-select": "training.cam_select",
+    "sizing-bundle": "training.sizing",
 }
 
 

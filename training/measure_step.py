@@ -19,8 +19,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-VIT_B14: dict[str, Any] = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                               intermediate_size=3072, patch_size=14, image_size=518)
 
 
 def one(size: int, method: str, batch: int, steps: int, threads: int, partial_blocks: int) -> dict[str, Any]:
@@ -28,12 +26,13 @@ def one(size: int, method: str, batch: int, steps: int, threads: int, partial_bl
     import torch.nn.functional as F
 
     from osteo_node.model import ModelSpec, build_classifier, trainable_parameter_count
+    from training.train import PRESETS
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     spec = ModelSpec(family="dinov2", source="random-init:vit-b14", method=method, input_size=size,
                      partial_blocks=partial_blocks)
-    model = build_classifier(spec, random_init_config=VIT_B14).train()
+    model = build_classifier(spec, random_init_config=PRESETS["vit-b14"]).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     x = torch.randn(batch, 3, size, size)

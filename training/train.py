@@ -68,7 +68,7 @@ from training.data import CachedImages, augment, normalise, read_manifest
 
 logger = logging.getLogger(__name__)
 
-#: Small DINOv2-architecture ViTs trained from random initialisation (no pretrained weights here).
+#: DINOv2-architecture ViTs built from random initialisation (no pretrained weights here).
 PRESETS: dict[str, dict[str, Any]] = {
     "vit-micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                       image_size=112, patch_size=14),
@@ -76,6 +76,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      image_size=224, patch_size=14, drop_path_rate=0.05),
     "vit-small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024,
                       image_size=224, patch_size=14, drop_path_rate=0.1),
+    #: ViT-B/14, the DINOv2-base / RAD-DINO architecture (86.6 M parameters): for sizing and timing.
+    "vit-b14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                    image_size=518, patch_size=14),
 }
 
 DEFAULT_THRESHOLDS = {"low_bmd": 0.5, "osteoporosis": 0.5}
