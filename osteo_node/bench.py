@@ -10,6 +10,8 @@
   C-STORE received -> results accepted by the PACS (instances.received_at -> finished_at of the
   send job).
 - memory: peak RSS (VmHWM) of `osteo-node receive` and `osteo-node work` subprocesses.
+- workers (only when asked for): images/s of 1, 2, 4 ... `osteo-node work` processes sharing one
+  queue, each with a full queue: how many workers a host (a GPU host) needs.
 
 Every function returns a small frozen dataclass; `run_bench` gathers them into one JSON-ready dict.
 Nothing here is kept: every database, store and port is temporary.
@@ -501,8 +503,8 @@ def write_toml(settings: Settings, path: Path) -> Path:
 class _NodeProcess:
     """`osteo-node COMMAND --config FILE` as a subprocess, logging to a file."""
 
-    def __init__(self, command: str, config: Path) -> None:
-        self.log = config.parent / f"{command}.log"
+    def __init__(self, command: str, config: Path, name: str | None = None) -> None:
+        self.log = config.parent / f"{name or command}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "osteo_node.cli", command, "--config", str(config)],
@@ -561,6 +563,73 @@ def measure_memory(settings: Settings, files: Sequence[Path], work: Path) -> Mem
     return MemoryResult(round(receiver_mb, 1), round(worker_mb, 1), len(files), loads)
 
 
+# ---------------------------------------------------------------- several worker processes
+
+
+@dataclass(frozen=True)
+class WorkersCase:
+    processes: int
+    n: int
+    images_per_s: float
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def worker_counts(most: int) -> list[int]:
+    """1, 2, 4, ... and `most` itself: the numbers of worker processes to measure."""
+    if most < 1:
+        raise ValueError(f"--workers must be >= 1, got {most}")
+    counts = [1]
+    while counts[-1] * 2 < most:
+        counts.append(counts[-1] * 2)
+    return sorted(set(counts + [most]))
+
+
+def measure_workers(settings: Settings, files: Sequence[Path], work: Path, processes: int) -> WorkersCase:
+    """Images/s of `processes` `osteo-node work` processes sharing the bench's queue, storescp as
+    the PACS. The workers start first and wait on an empty queue (model loading is not counted);
+    `files` are then received over one association by an in-process receiver, which outpaces the
+    workers, and the time runs from the first image received to the last send job done."""
+    from .db import Instance, Job
+    from .node import open_runtime, receive_limits
+    from .queue import SEND
+    from .receive import start_receiver
+
+    with dcmtk_storescp(work / "pacs") as pacs_port:
+        settings = node_settings(settings, work, bundle=settings.model.bundle, pacs_port=pacs_port)
+        runtime = open_runtime(settings)  # migrates the database before any worker opens it
+        server = start_receiver(settings.dicom, runtime.queue, runtime.store,
+                                settings.eligibility.rules(), receive_limits(settings))
+        config = write_toml(settings, work / "node.toml")
+        workers = [_NodeProcess("work", config, name=f"work-{i}") for i in range(processes)]
+        try:
+            def started() -> bool:
+                for worker in workers:
+                    worker.check()
+                return all(re.search(r"worker \S+ started", w.log.read_text(errors="replace")) for w in workers)
+
+            def drained() -> bool:
+                for worker in workers:
+                    worker.check()
+                return _send_jobs_done(runtime.engine) == len(files) and _all_jobs_done(runtime.engine)
+
+            wait_until(started, 600, f"{processes} osteo-node work processes to start", 0.2)
+            storescu(settings.dicom.port, files, 1, settings.dicom.ae_title)
+            wait_until(drained, 3600, f"{processes} osteo-node work processes to drain the queue", 0.05)
+            with Session(runtime.engine) as session:
+                first = session.scalar(select(func.min(Instance.received_at)))
+                last = session.scalar(select(func.max(Job.finished_at)).where(Job.kind == SEND))
+        finally:
+            for worker in workers:
+                worker.stop()
+            server.shutdown()
+            runtime.engine.dispose()
+    seconds = (last - first).total_seconds()
+    return WorkersCase(processes, len(files), len(files) / seconds, seconds)
+
+
 # ---------------------------------------------------------------- machine and model
 
 
@@ -594,13 +663,16 @@ def _torch_threads() -> int:
 
 
 
-SECTIONS = ("receive", "pipeline", "node", "memory")
+SECTIONS = ("receive", "pipeline", "node", "memory")  # the default
+#: Measured only when named: it starts several model-loading processes per worker count.
+OPTIONAL_SECTIONS = ("workers",)
 
 
 def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = False,
               sections: Sequence[str] = SECTIONS, counts: Counts | None = None,
-              progress: Any = None) -> dict[str, Any]:
-    """Run the measurements named in `sections` and return one JSON-ready dict."""
+              progress: Any = None, workers: int = 2) -> dict[str, Any]:
+    """Run the measurements named in `sections` and return one JSON-ready dict. `workers`: the most
+    worker processes the workers section runs (it measures 1, 2, 4 ... up to it)."""
     from pydicom import dcmread
 
     from .bundle import load_bundle
@@ -620,8 +692,10 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
     with tempfile.TemporaryDirectory(prefix="osteo-bench-") as tmp:
         work = Path(tmp)
         n_drain = max(counts.throughput, 4 * settings.worker.batch_size)  # a few full batches
+        processes = worker_counts(workers) if "workers" in sections else []
+        n_workers = {k: max(counts.throughput, 2 * settings.worker.batch_size * k) for k in processes}
         n_cr = max(counts.cr_receive, counts.pipeline + 1, n_drain + counts.end_to_end,
-                   counts.memory_cr)
+                   counts.memory_cr, *n_workers.values())
         n_dx = counts.dx_receive if "receive" in sections else 0
         say(f"writing {n_dx} DX 512x512 and {n_cr} CR images")
         (work / "dx").mkdir()
@@ -633,6 +707,7 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
                 settings, {"dx512": dx, "cr": cr[:counts.cr_receive]}, work).as_dict()
         if "pipeline" in sections or "node" in sections:
             from .node import cam_override, resolve_device
+            from .pipeline import warm_up
 
             say(f"loading bundle {settings.model.bundle}")
             loaded = load_bundle(settings.model.bundle, device=resolve_device(settings), merged=True)
@@ -651,6 +726,7 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
                                             cam_block=loaded.cam.block, precision=precision) / batch
             inference = Inference(loaded, device=loaded.device, cam_method=cam_override(settings),
                                   precision=precision)
+            warm_up(inference, settings.model.display_max)  # as a worker does before its first job
             if "pipeline" in sections:
                 say(f"pipeline: {counts.pipeline} CR images")
                 with dcmtk_storescp(work / "pipeline-pacs") as pacs_port:
@@ -675,6 +751,14 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
         if "memory" in sections:
             say(f"memory: osteo-node receive and work subprocesses, {counts.memory_cr} CR images")
             report["memory"] = measure_memory(settings, cr[:counts.memory_cr], work / "memory").as_dict()
+        if processes:
+            cases = []
+            for k in processes:
+                say(f"workers: {k} osteo-node work processes, {n_workers[k]} CR images")
+                cases.append(measure_workers(settings, cr[:n_workers[k]], work / f"workers-{k}", k))
+            report["workers"] = {"batch_size": settings.worker.batch_size,
+                                 "cases": [c.as_dict() for c in cases],
+                                 "scaling": cases[-1].images_per_s / cases[0].images_per_s}
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -722,5 +806,10 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"peak RSS: receiver {mem['receiver_peak_rss_mb']:.0f} MB, "
                      f"worker {mem['worker_peak_rss_mb']:.0f} MB ({mem['images']} CR images, "
                      f"bundle loaded {mem['worker_bundle_loads']}x)")
+    if "workers" in report:
+        w = report["workers"]
+        lines.append("workers (osteo-node work processes, full queue): " + ", ".join(
+            f"{c['processes']} -> {c['images_per_s']:.2f} images/s" for c in w["cases"])
+            + f"; scaling {w['scaling']:.2f}x")
     lines.append(f"bench took {report['seconds']:.0f} s")
     return "\n".join(lines)

@@ -217,16 +217,20 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
-    from .bench import SECTIONS, format_table, run_bench
+    from .bench import OPTIONAL_SECTIONS, SECTIONS, format_table, run_bench
 
     settings = load_settings(args.config) if args.config else Settings()
     sections = tuple(s for s in args.sections.split(",") if s) if args.sections else SECTIONS
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS + OPTIONAL_SECTIONS))
     if unknown:
-        print(f"osteo-node bench: --sections {unknown} unknown; choose from {list(SECTIONS)}",
-              file=sys.stderr)
+        print(f"osteo-node bench: --sections {unknown} unknown; choose from "
+              f"{list(SECTIONS + OPTIONAL_SECTIONS)}", file=sys.stderr)
+        return 2
+    if args.workers < 1:
+        print(f"osteo-node bench: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     report = run_bench(settings, bundle=args.bundle, quick=args.quick, sections=sections,
+                       workers=args.workers,
                        progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0
@@ -266,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")
     bench.add_argument("--quick", action="store_true", help="fewer images (under 5 minutes)")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    bench.add_argument("--sections", help="comma-separated subset of receive,pipeline,node,memory")
+    bench.add_argument("--sections", help="comma-separated subset of receive,pipeline,node,memory "
+                       "(the default), plus workers")
+    bench.add_argument("--workers", type=int, default=2,
+                       help="workers section: measure 1, 2, 4 ... up to this many worker processes (default 2)")
     bench.set_defaults(func=None)
     return parser
 

@@ -66,17 +66,21 @@ def resolve_device(settings: Settings) -> str:
 
 
 def load_inference(settings: Settings) -> Inference:
-    """Load the configured bundle once; raises BundleError when it is missing or altered."""
+    """Load the configured bundle once and warm it up (pipeline.warm_up); raises BundleError when
+    it is missing or altered."""
     from .bundle import load_bundle
     from .infer import Inference
+    from .pipeline import warm_up
 
     device = resolve_device(settings)
     bundle = load_bundle(settings.model.bundle, device=device, merged=True)
     log.info("model %s %s (Device UID %s) on %s, precision %s, batch size %d", bundle.identity.name,
              bundle.identity.version, bundle.identity.device_uid, device, settings.model.precision,
              settings.worker.batch_size)
-    return Inference(bundle, device=device, cam_method=cam_override(settings),
-                     precision=settings.model.precision)
+    inference = Inference(bundle, device=device, cam_method=cam_override(settings),
+                          precision=settings.model.precision)
+    log.info("warmed up on a synthetic image in %.2f s", warm_up(inference, settings.model.display_max))
+    return inference
 
 
 def cam_override(settings: Settings) -> str | None:

@@ -9,6 +9,7 @@ cut in three parts so that a worker can overlap them across images (osteo_node.w
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from . import encode, pixels
 from .infer import Inference
 from .model import ModelSpec
 from .records import Heatmap, Prediction, PreparedImage
+from .synthetic import synthetic_dx
 
 
 class _Laps:
@@ -106,3 +108,17 @@ def report(examined: Examined) -> Screening:
 def screen(path: Path, inference: Inference, display_max: int) -> Screening:
     """Screen the stored radiograph at `path` with a loaded model."""
     return report(examine([load(path, inference.bundle.spec, display_max)], inference)[0])
+
+
+def warm_up(inference: Inference, display_max: int) -> float:
+    """Screen one synthetic radiograph and discard the result; return the seconds it took.
+
+    The first image through a process pays for what its libraries load lazily: highdicom's tables
+    of the standard (~0.4 s at the first SR), the first pass of the model (on a GPU, the CUDA
+    context and kernels), fonts. A worker does this before it claims a job, so that no patient's
+    image waits for it.
+    """
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="osteo-warm-up-") as folder:
+        screen(synthetic_dx(Path(folder) / "warm-up.dcm", sex="F", size=512), inference, display_max)
+    return time.perf_counter() - start

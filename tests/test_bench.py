@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import require_tool
 
-from osteo_node.bench import Counts, format_table, run_bench, summary
+from osteo_node.bench import Counts, format_table, run_bench, summary, worker_counts
 from osteo_node.cli import main
 from osteo_node.config import Settings, parse_settings
 
@@ -46,6 +46,16 @@ def test_summary_median_and_p95() -> None:
 def test_unknown_section_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--sections", "receive,gpu"]) == 2
     assert "gpu" in capsys.readouterr().err
+    assert main(["bench", "--sections", "workers", "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_worker_counts_double_up_to_the_most() -> None:
+    assert worker_counts(1) == [1]
+    assert worker_counts(5) == [1, 2, 4, 5]
+    assert worker_counts(8) == [1, 2, 4, 8]
+    with pytest.raises(ValueError, match="--workers must be >= 1, got 0"):
+        worker_counts(0)
 
 
 @pytest.mark.integration
@@ -85,3 +95,18 @@ def test_throughput_is_measured_at_the_configured_batch_size(tiny_bundle: str) -
     assert throughput["images_per_s"] > 0 and report["pipeline"]["end_to_end"]["n"] == TINY_COUNTS.end_to_end
     assert throughput["gpu_fraction_of_floor"] is None and throughput["floor_images_per_s"] is None  # CPU
     assert "(batch 2, prefetch 2)" in format_table(report)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_workers_section_runs_each_number_of_worker_processes(tiny_bundle: str) -> None:
+    for tool in ("storescu", "storescp", "echoscu"):
+        require_tool(tool)
+    report = run_bench(Settings(), bundle=tiny_bundle, counts=TINY_COUNTS, sections=("workers",), workers=2)
+    workers = json.loads(json.dumps(report))["workers"]
+    cases = workers["cases"]
+    assert [c["processes"] for c in cases] == [1, 2] and [c["n"] for c in cases] == [2, 4]
+    assert all(c["images_per_s"] > 0 and c["seconds"] > 0 for c in cases)
+    assert workers["scaling"] == pytest.approx(cases[1]["images_per_s"] / cases[0]["images_per_s"])
+    assert "receive" not in report and "memory" not in report  # only the section asked for
+    assert "workers (osteo-node work processes, full queue): 1 -> " in format_table(report)

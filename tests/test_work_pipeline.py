@@ -274,3 +274,21 @@ def test_a_loaded_image_keeps_its_header_and_not_its_pixels(inference: Inference
     assert loaded.prepared.display.shape == (96, 96)
     screening = pipeline.report(pipeline.examine([loaded], inference)[0])  # the reports need no pixels
     assert screening.sc.Rows >= 96 and screening.sr.ContentSequence
+
+
+def test_load_inference_warms_up_on_a_synthetic_image_and_keeps_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from osteo_node.node import load_inference
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # where the synthetic image is written
+    bundle = export_tiny_bundle(tmp_path / "bundle", "tiny-warm")
+    config = parse_settings({"model": {"bundle": str(bundle)}}, tmp_path)
+    with caplog.at_level(logging.INFO, logger="osteo_node.node"):
+        inference = load_inference(config)
+    try:
+        assert any(r.getMessage().startswith("warmed up on a synthetic image in ") for r in caplog.records)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # the synthetic image is gone
+        assert inference.identity.name == "tiny-warm"
+    finally:
+        inference.close()
