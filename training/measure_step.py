@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from typing import Any
 
 
-
 def one(size: int, method: str, batch: int, steps: int, threads: int, partial_blocks: int) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
