@@ -1,7 +1,8 @@
 """`osteo-node bench`: what this machine does with the node's real parts, one measurement each.
 
 - receive: images/s durably stored by the node's receiver (start_receiver + FileStore + Queue on a
-  temporary SQLite database) from DCMTK storescu over 1 and 4 associations, 512 x 512 DX and
+  scratch database: SQLite, or PostgreSQL when the config's database is) from DCMTK storescu over 1
+  and 4 associations, 512 x 512 DX and
   full-size CR, against DCMTK `storescp -od DIR` on the same files.
 - pipeline: per-stage seconds of `pipeline.screen` (+ send to a local storescp), and the floor:
   the classifier's bare forward + backward (down to the Grad-CAM target layer) on the same tensor.
@@ -14,7 +15,7 @@
   queue, each with a full queue: how many workers a host (a GPU host) needs.
 
 Every function returns a small frozen dataclass; `run_bench` gathers them into one JSON-ready dict.
-Nothing here is kept: every database, store and port is temporary.
+Nothing here is kept: every database (ScratchDatabases), store and port is temporary.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, make_url, select, text
 from sqlalchemy.orm import Session
 
 from .config import Settings, parse_settings
@@ -156,13 +158,48 @@ def dcmtk_storescp(folder: Path, *, fork: bool = False) -> Iterator[int]:
         proc.wait(timeout=30)
 
 
-def node_settings(base: Settings, folder: Path, *, bundle: str, pacs_port: int | None = None,
-                  poll_s: float = 0.05) -> Settings:
-    """`base` with a temporary data folder and SQLite database, free ports, no metrics endpoint,
-    fast polling and (when `pacs_port`) one destination `pacs` on 127.0.0.1."""
+class ScratchDatabases:
+    """A fresh, empty database for each of the bench's runs, all gone on exit: a SQLite file in the
+    run's folder, or, when the configured database is PostgreSQL, a new database on that server
+    (`osteo_bench_...`, created and dropped with the configured user, who needs CREATEDB)."""
+
+    def __init__(self, configured_url: str) -> None:
+        self.configured = make_url(configured_url)
+        self.backend = self.configured.get_backend_name()
+        self.created: list[str] = []
+
+    def url(self, folder: Path) -> str:
+        if self.backend == "sqlite":
+            return f"sqlite:///{folder / 'node.sqlite3'}"
+        name = f"osteo_bench_{uuid.uuid4().hex[:12]}"
+        self._execute(f'CREATE DATABASE "{name}"')
+        self.created.append(name)
+        return self.configured.set(database=name).render_as_string(hide_password=False)
+
+    def _execute(self, statement: str) -> None:
+        admin = create_engine(self.configured, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as connection:
+                connection.execute(text(statement))
+        finally:
+            admin.dispose()
+
+    def __enter__(self) -> "ScratchDatabases":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        while self.created:
+            self._execute(f'DROP DATABASE IF EXISTS "{self.created.pop()}" WITH (FORCE)')
+
+
+def node_settings(base: Settings, folder: Path, *, bundle: str, database_url: str,
+                  pacs_port: int | None = None, poll_s: float = 0.05) -> Settings:
+    """`base` with a temporary data folder, the database at `database_url` (ScratchDatabases.url),
+    free ports, no metrics endpoint, fast polling and (when `pacs_port`) one destination `pacs` on
+    127.0.0.1."""
     raw = base.model_dump(mode="json")
     raw["node"].update(data_dir=str(folder / "var"), log_level="INFO", log_format="text")
-    raw["database"]["url"] = f"sqlite:///{folder / 'node.sqlite3'}"
+    raw["database"]["url"] = database_url
     raw["dicom"].update(port=free_port(), bind_address="127.0.0.1", allowed_calling_aes=[])
     raw["dicom"].pop("tls", None)
     raw["metrics"].update(port=0, receiver_port=0)
@@ -206,7 +243,8 @@ class ReceiveResult:
                 "cases": [{**dataclasses.asdict(c), "ratio": c.ratio} for c in self.cases]}
 
 
-def node_receive_rate(settings: Settings, files: Sequence[Path], associations: int, folder: Path) -> float:
+def node_receive_rate(settings: Settings, files: Sequence[Path], associations: int, folder: Path,
+                      databases: ScratchDatabases) -> float:
     """Images/s stored and recorded by the node's receiver (fresh store and database)."""
     from . import migrate
     from .db import Instance, make_engine
@@ -215,7 +253,7 @@ def node_receive_rate(settings: Settings, files: Sequence[Path], associations: i
     from .receive import start_receiver
     from .store import FileStore
 
-    settings = node_settings(settings, folder, bundle=settings.model.bundle)
+    settings = node_settings(settings, folder, bundle=settings.model.bundle, database_url=databases.url(folder))
     engine = make_engine(settings.database_url)
     migrate.upgrade(engine)
     store = FileStore(settings.node.data_dir / "store")
@@ -242,7 +280,8 @@ def storescp_rate(files: Sequence[Path], associations: int, folder: Path) -> flo
 
 
 def measure_receive(settings: Settings, images: dict[str, Sequence[Path]], work: Path,
-                    associations: Sequence[int] = (1, 4), repeats: int = 3) -> ReceiveResult:
+                    databases: ScratchDatabases, associations: Sequence[int] = (1, 4),
+                    repeats: int = 3) -> ReceiveResult:
     """Node and storescp receive rates for each image set and association count, same files.
 
     Node and storescp runs alternate `repeats` times; each rate is the median of its runs (the
@@ -254,7 +293,7 @@ def measure_receive(settings: Settings, images: dict[str, Sequence[Path]], work:
             node, scp = [], []
             for i in range(repeats):
                 run = work / f"receive-{name}-{n_assoc}-{i}"
-                node.append(node_receive_rate(settings, files, n_assoc, run / "node"))
+                node.append(node_receive_rate(settings, files, n_assoc, run / "node", databases))
                 scp.append(storescp_rate(files, n_assoc, run / "storescp"))
                 shutil.rmtree(run, ignore_errors=True)
             cases.append(ReceiveCase(name, round(mb, 2), n_assoc, len(files), statistics.median(node),
@@ -398,7 +437,7 @@ def _all_jobs_done(engine: Any) -> bool:
 
 
 def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path],
-                 latency_files: Sequence[Path], work: Path, floor_s: float,
+                 latency_files: Sequence[Path], work: Path, databases: ScratchDatabases, floor_s: float,
                  batch_floor_s: float | None = None) -> tuple[ThroughputResult, EndToEndResult]:
     """Receiver + worker in this process, storescp as the PACS.
 
@@ -414,7 +453,8 @@ def measure_node(settings: Settings, inference: Any, drain_files: Sequence[Path]
     from .work import Worker
 
     with dcmtk_storescp(work / "pacs", fork=False) as pacs_port:
-        settings = node_settings(settings, work, bundle=settings.model.bundle, pacs_port=pacs_port)
+        settings = node_settings(settings, work, bundle=settings.model.bundle,
+                                 database_url=databases.url(work), pacs_port=pacs_port)
         runtime = open_runtime(settings)
         server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                 settings.eligibility.rules(), receive_limits(settings))
@@ -525,14 +565,15 @@ class _NodeProcess:
                 self.proc.wait()
 
 
-def measure_memory(settings: Settings, files: Sequence[Path], work: Path) -> MemoryResult:
+def measure_memory(settings: Settings, files: Sequence[Path], work: Path,
+                   databases: ScratchDatabases) -> MemoryResult:
     """Peak RSS of `osteo-node receive` (receiving `files` over 4 associations) and of
     `osteo-node work` (screening them and sending to storescp), read before they stop."""
     from .db import make_engine
 
     with dcmtk_storescp(work / "pacs") as pacs_port:
-        settings = node_settings(settings, work, bundle=settings.model.bundle, pacs_port=pacs_port,
-                                 poll_s=0.2)
+        settings = node_settings(settings, work, bundle=settings.model.bundle,
+                                 database_url=databases.url(work), pacs_port=pacs_port, poll_s=0.2)
         config = write_toml(settings, work / "node.toml")
         receiver = _NodeProcess("receive", config)
         worker = None
@@ -587,7 +628,8 @@ def worker_counts(most: int) -> list[int]:
     return sorted(set(counts + [most]))
 
 
-def measure_workers(settings: Settings, files: Sequence[Path], work: Path, processes: int) -> WorkersCase:
+def measure_workers(settings: Settings, files: Sequence[Path], work: Path, databases: ScratchDatabases,
+                    processes: int) -> WorkersCase:
     """Images/s of `processes` `osteo-node work` processes sharing the bench's queue, storescp as
     the PACS. The workers start first and wait on an empty queue (model loading is not counted);
     `files` are then received over one association by an in-process receiver, which outpaces the
@@ -598,7 +640,8 @@ def measure_workers(settings: Settings, files: Sequence[Path], work: Path, proce
     from .receive import start_receiver
 
     with dcmtk_storescp(work / "pacs") as pacs_port:
-        settings = node_settings(settings, work, bundle=settings.model.bundle, pacs_port=pacs_port)
+        settings = node_settings(settings, work, bundle=settings.model.bundle,
+                                 database_url=databases.url(work), pacs_port=pacs_port)
         runtime = open_runtime(settings)  # migrates the database before any worker opens it
         server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                 settings.eligibility.rules(), receive_limits(settings))
@@ -689,7 +732,9 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
         settings = parse_settings(raw, Path.cwd())
     report: dict[str, Any] = {"quick": quick, "machine": machine(), "counts": dataclasses.asdict(counts)}
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="osteo-bench-") as tmp:
+    databases = ScratchDatabases(settings.database_url)
+    report["machine"]["database"] = databases.backend
+    with tempfile.TemporaryDirectory(prefix="osteo-bench-") as tmp, databases:
         work = Path(tmp)
         n_drain = max(counts.throughput, 4 * settings.worker.batch_size)  # a few full batches
         processes = worker_counts(workers) if "workers" in sections else []
@@ -704,7 +749,7 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
         if "receive" in sections:
             say("receive: node and storescp, 1 and 4 associations")
             report["receive"] = measure_receive(
-                settings, {"dx512": dx, "cr": cr[:counts.cr_receive]}, work).as_dict()
+                settings, {"dx512": dx, "cr": cr[:counts.cr_receive]}, work, databases).as_dict()
         if "pipeline" in sections or "node" in sections:
             from .node import cam_override, resolve_device
             from .pipeline import warm_up
@@ -739,7 +784,7 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
                 say(f"throughput ({n_drain} CR) and end to end ({counts.end_to_end} CR)")
                 throughput, end_to_end = measure_node(
                     settings, inference, cr[:n_drain], cr[n_drain:n_drain + counts.end_to_end],
-                    work / "node", floor_s, batch_floor_s)
+                    work / "node", databases, floor_s, batch_floor_s)
                 report["throughput"] = throughput.as_dict()
                 if str(inference.device).startswith("cuda"):
                     import torch
@@ -750,12 +795,13 @@ def run_bench(settings: Settings, *, bundle: str | None = None, quick: bool = Fa
                 report["pipeline"]["end_to_end_p95_s"] = end_to_end.seconds["p95"]
         if "memory" in sections:
             say(f"memory: osteo-node receive and work subprocesses, {counts.memory_cr} CR images")
-            report["memory"] = measure_memory(settings, cr[:counts.memory_cr], work / "memory").as_dict()
+            report["memory"] = measure_memory(settings, cr[:counts.memory_cr], work / "memory",
+                                              databases).as_dict()
         if processes:
             cases = []
             for k in processes:
                 say(f"workers: {k} osteo-node work processes, {n_workers[k]} CR images")
-                cases.append(measure_workers(settings, cr[:n_workers[k]], work / f"workers-{k}", k))
+                cases.append(measure_workers(settings, cr[:n_workers[k]], work / f"workers-{k}", databases, k))
             report["workers"] = {"batch_size": settings.worker.batch_size,
                                  "cases": [c.as_dict() for c in cases],
                                  "scaling": cases[-1].images_per_s / cases[0].images_per_s}
@@ -768,7 +814,8 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as a plain-text table (what `osteo-node bench` prints without --json)."""
     m = report["machine"]
     lines = [(f"machine: {m['cores']} cores, {m['cpu']}, GPU {m['gpu'] or 'none'}, torch {m['torch']} "
-              f"({m['torch_threads']} threads), load {m['load_average']} -> {m.get('load_average_after')}")]
+              f"({m['torch_threads']} threads), database {m['database']}, load {m['load_average']} -> "
+              f"{m.get('load_average_after')}")]
     if "model" in report:
         md = report["model"]
         lines.append(f"model: {md['name']} {md['version']} ({md['backbone']}/{md['method']}, "

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import require_tool
 
-from osteo_node.bench import Counts, format_table, run_bench, summary, worker_counts
+from osteo_node.bench import Counts, ScratchDatabases, format_table, run_bench, summary, worker_counts
 from osteo_node.cli import main
 from osteo_node.config import Settings, parse_settings
 
@@ -110,3 +110,30 @@ def test_workers_section_runs_each_number_of_worker_processes(tiny_bundle: str) 
     assert workers["scaling"] == pytest.approx(cases[1]["images_per_s"] / cases[0]["images_per_s"])
     assert "receive" not in report and "memory" not in report  # only the section asked for
     assert "workers (osteo-node work processes, full queue): 1 -> " in format_table(report)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_bench_on_postgresql_runs_in_scratch_databases_it_drops(
+    tiny_bundle: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import create_engine, text
+
+    for tool in ("storescu", "storescp"):
+        require_tool(tool)
+    used: list[str] = []
+    url = ScratchDatabases.url
+    monkeypatch.setattr(ScratchDatabases, "url", lambda self, folder: used.append(url(self, folder)) or used[-1])
+    settings = parse_settings({"database": {"url": postgres_url}}, Path.cwd())
+    report = run_bench(settings, bundle=tiny_bundle, counts=TINY_COUNTS, sections=("node",))
+    assert report["machine"]["database"] == "postgresql" and report["throughput"]["images_per_s"] > 0
+    assert "database postgresql" in format_table(report)
+    assert len(used) == 1 and used[0].startswith("postgresql") and "/osteo_bench_" in used[0]
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            left = connection.execute(text("SELECT count(*) FROM pg_database WHERE datname = :n"),
+                                      {"n": used[0].rsplit("/", 1)[1]}).scalar()
+    finally:
+        engine.dispose()
+    assert left == 0  # dropped when the bench ended
