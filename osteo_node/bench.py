@@ -161,7 +161,8 @@ def dcmtk_storescp(folder: Path, *, fork: bool = False) -> Iterator[int]:
 class ScratchDatabases:
     """A fresh, empty database for each of the bench's runs, all gone on exit: a SQLite file in the
     run's folder, or, when the configured database is PostgreSQL, a new database on that server
-    (`osteo_bench_...`, created and dropped with the configured user, who needs CREATEDB)."""
+    (`osteo_bench_...`, created and dropped with the configured user, who needs CREATEDB; dropped
+    WITH (FORCE), PostgreSQL 13 or later)."""
 
     def __init__(self, configured_url: str) -> None:
         self.configured = make_url(configured_url)
