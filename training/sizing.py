@@ -48,17 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    init_cfg = None
-    if args.random_init is not None:
-        if args.family not in ("dinov2", "rad-dino"):
-            print("osteo-train sizing-bundle: --random-init builds a DINOv2-architecture ViT; "
-                  "use --family dinov2", file=sys.stderr)
-            return 2
-        try:
-            init_cfg = random_init_config(args.random_init)
-        except ValueError as exc:
-            print(f"osteo-train sizing-bundle: {exc}", file=sys.stderr)
-            return 2
+    try:
+        init_cfg = random_init_config(args.random_init, args.family) if args.random_init else None
+    except ValueError as exc:
+        print(f"osteo-train sizing-bundle: {exc}", file=sys.stderr)
+        return 2
     input_size = args.input_size or int((init_cfg or {}).get("image_size", 224))
     mean, std = DEFAULT_NORMALISATION[args.family]
     spec = ModelSpec(family=args.family, source=args.source or f"random-init:{args.random_init}",

@@ -158,8 +158,11 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def random_init_config(preset_or_json: str) -> dict[str, Any]:
-    """A preset's Dinov2Config fields, or those read from a JSON file."""
+def random_init_config(preset_or_json: str, family: str = "dinov2") -> dict[str, Any]:
+    """A preset's Dinov2Config fields, or those read from a JSON file, for a `family` whose
+    backbone has the DINOv2 architecture (ValueError otherwise)."""
+    if family not in ("dinov2", "rad-dino"):
+        raise ValueError("--random-init builds a DINOv2-architecture ViT; use --family dinov2")
     if preset_or_json in PRESETS:
         return dict(PRESETS[preset_or_json])
     path = Path(preset_or_json)
@@ -468,14 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.random_init is None and not args.source:
         print("osteo-train train: give --source (pretrained backbone) or --random-init", file=sys.stderr)
         return 2
-    init_cfg = random_init_config(args.random_init) if args.random_init else None
+    try:
+        init_cfg = random_init_config(args.random_init, args.family) if args.random_init else None
+    except ValueError as exc:
+        print(f"osteo-train train: {exc}", file=sys.stderr)
+        return 2
     input_size = args.input_size or int((init_cfg or {}).get("image_size", 224))
     mean, std = DEFAULT_NORMALISATION[args.family]
     if init_cfg is not None:
-        if args.family not in ("dinov2", "rad-dino"):
-            print("osteo-train train: --random-init builds a DINOv2-architecture ViT; use --family dinov2",
-                  file=sys.stderr)
-            return 2
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         spec = ModelSpec(family=args.family, source=f"random-init:{args.random_init}", method="partial",
                          partial_blocks=int(init_cfg["num_hidden_layers"]), input_size=input_size,
