@@ -1,4 +1,4 @@
-"""Database schema and engine. The schema is migrated with alembic (`migrations/`).
+"""Database schema and engine. The schema is migrated with alembic (`osteo_node/migrations/`).
 
 SQLite (the embedded default) runs in WAL mode with full fsync, and every transaction starts
 with BEGIN IMMEDIATE so that two processes never interleave a read-then-write (job claims stay
@@ -105,6 +105,59 @@ class Result(Base):
     sr_sop_instance_uid: Mapped[str] = mapped_column(UID)
     sc_sop_instance_uid: Mapped[str] = mapped_column(UID)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ScreenedImage(Base):
+    """Who and what an infer job screened: the patient key and the facts that validation groups by.
+
+    Written with the live model's result (one row per instance), for every screened woman whether
+    flagged or not, so that DXA results can be paired with images (osteo_node.dxa, validation).
+    Holds the patient key (PatientID + Issuer) but no name; like `referrals`, never logged.
+    """
+
+    __tablename__ = "screened_images"
+    __table_args__ = (Index("ix_screened_images_patient", "patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    #: StudyDate, else AcquisitionDate/ContentDate/SeriesDate; None when the header has none.
+    image_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    age: Mapped[float | None] = mapped_column(Float, nullable=True)
+    manufacturer: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    view_position: Mapped[str] = mapped_column(String(16), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class DxaResult(Base):
+    """One DXA examination's T-scores, from HL7, CSV, FHIR or manual entry (osteo_node.dxa).
+
+    Rows are never updated: a correction is a new row whose `supersedes_id` names the old one.
+    `fingerprint` (SHA-256 of patient key, date and values) makes every route idempotent: the
+    same result delivered twice is stored once.
+    """
+
+    __tablename__ = "dxa_results"
+    __table_args__ = (Index("ix_dxa_results_patient", "patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    dxa_date: Mapped[dt.date] = mapped_column(Date)
+    t_lumbar_spine: Mapped[float | None] = mapped_column(Float, nullable=True)
+    t_femoral_neck: Mapped[float | None] = mapped_column(Float, nullable=True)
+    t_total_hip: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: "hl7", "csv", "fhir" or "manual".
+    source: Mapped[str] = mapped_column(String(16))
+    #: Where it came from, without patient data: HL7 message control id, file name and line, FHIR
+    #: Observation id, or the referral id of a manual entry.
+    source_ref: Mapped[str] = mapped_column(String(255), default="")
+    actor: Mapped[str] = mapped_column(String(64), default="")
+    fingerprint: Mapped[str] = mapped_column(String(64), unique=True)
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("dxa_results.id"), nullable=True)
+    received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
 class Referral(Base):

@@ -30,3 +30,8 @@ class JobError(OsteoNodeError):
 
     The job is dead-lettered with this message; fix the cause, then `osteo-node jobs retry ID`.
     """
+
+
+class DxaError(OsteoNodeError):
+    """A DXA result cannot be used (no T-score, a value outside -7..+7, a date in the future, an
+    unknown patient or source). The message says which field; nothing is stored."""

@@ -1,4 +1,5 @@
-"""Schema migrations with alembic; the scripts live in the repository's `migrations/` folder."""
+"""Schema migrations with alembic; the scripts ship inside the package (`osteo_node/migrations/`),
+so an installed wheel can migrate without the repository."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from alembic.config import Config
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:
