@@ -35,10 +35,10 @@ def setup_logging(settings: Settings) -> None:
 
 
 def _run(settings: Settings, *, receive: bool, work: bool) -> int:
-    from .node import run, stop_on_signals
+    from .node import run
 
     log.info("osteo-node %s starting; settings: %s", __version__, json.dumps(settings.redacted()))
-    run(settings, stop_on_signals(), receive=receive, work=work)
+    run(settings, receive=receive, work=work)
     return 0
 
 
@@ -88,6 +88,7 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
         if migrate.is_empty(engine):
             report("database", "schema missing: run `osteo-node db upgrade --config FILE`")
         else:
+            migrate.require_head(engine)
             migrate.check(engine)
             report("database", None)
     except Exception as exc:
@@ -109,32 +110,24 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from .db import Instance, Job
     from .node import open_runtime
 
-    runtime = open_runtime(settings, create_schema=False)
+    queue = open_runtime(settings, create_schema=False).queue
     if args.action == "retry":
-        ok = runtime.queue.retry(args.job_id)
+        ok = queue.retry(args.job_id)
         print(f"job {args.job_id} {'queued again' if ok else 'is not a failed job'}")
         return 0 if ok else 1
-    with Session(runtime.engine) as session:
-        if args.action == "show":
-            job = session.get(Job, args.job_id)
-            if job is None:
-                print(f"no job {args.job_id}", file=sys.stderr)
-                return 1
-            instance = session.get(Instance, job.instance_id)
-            fields = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
-            fields["sop_instance_uid"] = instance.sop_instance_uid if instance else None
-            print(json.dumps(fields, default=str, indent=2))
-            return 0
-        query = select(Job).order_by(Job.id.desc()).limit(args.limit)
-        if args.state:
-            query = query.where(Job.state == args.state)
-        print(f"{'id':>6} {'kind':6} {'state':8} {'att':>3} {'destination':12} last error")
-        for job in session.scalars(query):
-            print(f"{job.id:>6} {job.kind:6} {job.state:8} {job.attempts:>3} {job.destination:12} "
-                  f"{(job.last_error or '')[:80]}")
+    if args.action == "show":
+        fields = queue.job(args.job_id)
+        if fields is None:
+            print(f"no job {args.job_id}", file=sys.stderr)
+            return 1
+        print(json.dumps(fields, default=str, indent=2))
+        return 0
+    print(f"{'id':>6} {'kind':6} {'state':8} {'att':>3} {'destination':12} last error")
+    for job in queue.recent(args.limit, args.state):
+        print(f"{job.id:>6} {job.kind:6} {job.state:8} {job.attempts:>3} {job.destination:12} "
+              f"{(job.last_error or '')[:80]}")
     return 0
 
 
@@ -295,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(settings)
         return int(args.func(settings, args))
     except OsteoNodeError as exc:
-        print(f"osteo-node: {exc}", file=sys.stderr)
+        message = str(exc)
+        if getattr(args, "config", None):  # name the operator's own file in the fix
+            message = message.replace("--config FILE", f"--config {args.config}")
+        print(f"osteo-node: {message}", file=sys.stderr)
         return 2
 
 

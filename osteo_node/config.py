@@ -11,7 +11,7 @@ import logging
 import re
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -24,11 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from .eligibility import EligibilityRules
 from .errors import ConfigError
-
-if TYPE_CHECKING:
-    from .refer import ReferralPolicy
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +178,9 @@ class Destination(_Section):
 
 
 class EligibilitySettings(_Section):
+    """Which received images are screened: the rules `eligibility.decide` applies (there named
+    `EligibilityRules`; the defaults live here only)."""
+
     modalities: tuple[Literal["CR", "DX"], ...] = ("CR", "DX")
     body_parts: tuple[str, ...] = ("CHEST",)
     views: tuple[Literal["PA", "AP"], ...] = ("PA", "AP")
@@ -191,12 +190,10 @@ class EligibilitySettings(_Section):
     allow_missing_view: bool = True
     allow_unknown_age: bool = False
 
-    def rules(self) -> EligibilityRules:
-        return EligibilityRules(**self.model_dump())
-
 
 class ReferralSettings(_Section):
-    """When a screened radiograph puts the patient on the DXA referral worklist (osteo_node.refer)."""
+    """When a screened radiograph puts the patient on the DXA referral worklist: the policy
+    `refer.refer` applies (there named `ReferralPolicy`; the defaults live here only)."""
 
     enabled: bool = True
     osteoporosis_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -213,11 +210,6 @@ class ReferralSettings(_Section):
                 f"referral.max_age ({self.max_age}) must be >= referral.min_age ({self.min_age})"
             )
         return self
-
-    def policy(self) -> "ReferralPolicy":
-        from .refer import ReferralPolicy
-
-        return ReferralPolicy(**self.model_dump(exclude={"enabled"}))
 
 
 #: Secret keys that appear in documentation and must never be used.

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from .config import EligibilitySettings
+
 CR_IMAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 DX_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.1")
 DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
@@ -32,18 +34,8 @@ DX_FOR_PROCESSING = UID("1.2.840.10008.5.1.4.1.1.1.1.1")
 SCREENED_SOP_CLASSES: tuple[UID, ...] = (CR_IMAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING)
 
 
-@dataclass(frozen=True)
-class EligibilityRules:
-    """The `[eligibility]` section of the configuration."""
-
-    modalities: tuple[str, ...] = ("CR", "DX")
-    body_parts: tuple[str, ...] = ("CHEST",)
-    views: tuple[str, ...] = ("PA", "AP")
-    sexes: tuple[str, ...] = ("F",)
-    min_age: int = 50
-    allow_missing_body_part: bool = True
-    allow_missing_view: bool = True
-    allow_unknown_age: bool = False
+#: The rules are the validated `[eligibility]` section itself: its defaults are defined once, there.
+EligibilityRules = EligibilitySettings
 
 
 @dataclass(frozen=True)

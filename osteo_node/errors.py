@@ -13,6 +13,11 @@ class BundleError(OsteoNodeError):
     """A model bundle is missing, incomplete or altered: re-export it or point `model.bundle` elsewhere."""
 
 
+class SchemaError(OsteoNodeError):
+    """The database schema is not the one this osteo-node needs (an upgrade added migrations):
+    stop the node's processes and run `osteo-node db upgrade --config FILE`."""
+
+
 class ImageError(OsteoNodeError):
     """A stored image cannot be decoded or prepared (e.g. no pixel data, unsupported encoding)."""
 

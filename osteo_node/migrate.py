@@ -7,8 +7,12 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
+
+from .errors import SchemaError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
@@ -30,6 +34,24 @@ def upgrade(engine: Engine) -> None:
 
 def is_empty(engine: Engine) -> bool:
     return not inspect(engine).get_table_names()
+
+
+def revisions(engine: Engine) -> tuple[str | None, str | None]:
+    """(the database's alembic revision, or None; the newest revision this package ships)."""
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    head = ScriptDirectory.from_config(alembic_config(engine.url.render_as_string())).get_current_head()
+    return current, head
+
+
+def require_head(engine: Engine) -> None:
+    """Raise SchemaError unless the database is at the newest revision: a process started on an
+    outdated schema would fail on its first write (or worse, half-way through a job)."""
+    current, head = revisions(engine)
+    if current != head:
+        raise SchemaError(f"the database schema is at revision {current or 'none'}, this osteo-node "
+                          f"needs {head}: stop the node's processes and run "
+                          "`osteo-node db upgrade --config FILE`")
 
 
 def check(engine: Engine) -> None:

@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -49,11 +50,20 @@ class Runtime:
 
 
 def open_runtime(settings: Settings, *, create_schema: bool = True) -> Runtime:
-    """Connect to the database (creating the schema on an empty one) and open the file store."""
+    """Connect to the database and open the file store. With `create_schema` (the node's
+    processes): migrate an empty database, refuse (SchemaError) one that is not at the newest
+    revision, which only `osteo-node db upgrade` migrates (with every process stopped)."""
     engine = make_engine(settings.database_url)
-    if create_schema and migrate.is_empty(engine):
-        log.info("empty database: applying migrations")
-        migrate.upgrade(engine)
+    if create_schema:
+        try:
+            if migrate.is_empty(engine):
+                log.info("empty database: applying migrations")
+                migrate.upgrade(engine)
+            else:
+                migrate.require_head(engine)
+        except BaseException:
+            engine.dispose()
+            raise
     store = FileStore(settings.node.data_dir / "store")
     return Runtime(settings, engine, Queue(engine), store)
 
@@ -100,17 +110,22 @@ def receive_limits(settings: Settings) -> ReceiveLimits:
     )
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT (graceful shutdown)."""
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGTERM or SIGINT (graceful shutdown); the previous handlers come back on
+    exit (so that `cli.main` can run in a test's process)."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("signal %s: stopping", signal.Signals(signum).name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    return stop
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _listening(server: ThreadedAssociationServer) -> None:
@@ -171,7 +186,7 @@ class Node:
             checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
             if self.receive:
                 server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
-                                                      settings.eligibility.rules(), receive_limits(settings))
+                                                      settings.eligibility, receive_limits(settings))
                 checks["receiver"] = lambda: _listening(server)
             port = settings.metrics.port if self.work else settings.metrics.receiver_port
             if port:
@@ -218,10 +233,10 @@ class Node:
         self.stop()
 
 
-def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
-    """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
+def run(settings: Settings, *, receive: bool, work: bool) -> None:
+    """Run the receiver and/or the worker (+ scheduler) until SIGTERM or SIGINT."""
     try:
-        with Node(settings, receive=receive, work=work) as node:
+        with stop_on_signals() as stop, Node(settings, receive=receive, work=work) as node:
             node.run(stop)
     finally:
         log.info("stopped")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -20,13 +20,20 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import Instance, Job, Result, utcnow
+from .db import Instance, Job, utcnow
+from .flow import INFER as INFER  # re-exported: the kinds are named in flow.py
+from .flow import RECEIVED, STEPS, FollowUp
+from .flow import REFER as REFER
+from .flow import SEND as SEND
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
-INFER, SEND, REFER = "infer", "send", "refer"
+
+#: What a job leaves in the database besides its state (an infer job: its result rows, see
+#: results.py), written by `Queue.complete` inside the completion's transaction.
+Outcome = Callable[[Session], None]
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,8 @@ class Queue:
                 session.flush()
                 job_id = None
                 if received.eligible:
-                    job = Job(kind=INFER, instance_id=instance.id, destination="", state=QUEUED)
+                    kind, destination = RECEIVED
+                    job = Job(kind=kind, instance_id=instance.id, destination=destination, state=QUEUED)
                     session.add(job)
                     session.flush()
                     job_id = job.id
@@ -121,7 +129,7 @@ class Queue:
                 raise
             return existing, None
 
-    def claim(self, worker: str, lease_s: float, kinds: Iterable[str] = (INFER, SEND, REFER)) -> JobRecord | None:
+    def claim(self, worker: str, lease_s: float, kinds: Iterable[str] = tuple(STEPS)) -> JobRecord | None:
         """Lease the next due job (or one whose lease expired) to `worker`."""
         now = utcnow()
         candidate = (
@@ -166,36 +174,28 @@ class Queue:
             return False
         return True
 
-    def complete_infer(
-        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False
-    ) -> bool:
-        """Record the result, mark the infer job done, queue one send job per destination and,
-        when `refer`, a refer job (the referral decision), all in one transaction."""
+    def complete(self, job: JobRecord, *, outcome: Outcome | None = None,
+                 follow_ups: Iterable[FollowUp] = ()) -> bool:
+        """Mark `job` done, store its `outcome` and queue its `follow_ups` (flow.STEPS: an infer
+        job's sends and refer job), all in one transaction, and only while `job`'s worker still
+        holds the lease (False when it does not: nothing is written). A follow-up already queued
+        for the instance (same kind and destination) is not queued twice."""
         with Session(self.engine) as session, session.begin():
             if not self._finish(session, job, state=DONE, finished_at=utcnow(), last_error=None):
                 session.rollback()
                 return False
-            existing = session.scalar(
-                select(Result).where(
-                    Result.instance_id == result.instance_id, Result.device_uid == result.device_uid
-                )
-            )
-            if existing is None:
-                session.add(result)
-            follow_ups = [(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
-            for kind, name in follow_ups:
+            if outcome is not None:
+                outcome(session)
+            for kind, destination in follow_ups:
                 known = session.scalar(
                     select(Job.id).where(
-                        Job.instance_id == job.instance_id, Job.kind == kind, Job.destination == name
+                        Job.instance_id == job.instance_id, Job.kind == kind, Job.destination == destination
                     )
                 )
                 if known is None:
-                    session.add(Job(kind=kind, instance_id=job.instance_id, destination=name, state=QUEUED))
+                    session.add(Job(kind=kind, instance_id=job.instance_id, destination=destination,
+                                    state=QUEUED))
         return True
-
-    def complete(self, job: JobRecord) -> bool:
-        with Session(self.engine) as session, session.begin():
-            return self._finish(session, job, state=DONE, finished_at=utcnow(), last_error=None)
 
     def fail(self, job: JobRecord, error: str, policy: RetryPolicy, *, permanent: bool = False) -> str:
         """Schedule a retry with backoff, or dead-letter the job; returns the new state."""
@@ -244,6 +244,25 @@ class Queue:
             rows = session.execute(query).all()
         found = {state: count for state, count in rows}
         return {state: found.get(state, 0) for state in STATES}
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        """Every column of a job, and its instance's SOP Instance UID (`osteo-node jobs show`)."""
+        with Session(self.engine) as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return None
+            instance = session.get(Instance, job.instance_id)
+            fields = {c.name: getattr(job, c.name) for c in Job.__table__.columns}
+            fields["sop_instance_uid"] = instance.sop_instance_uid if instance else None
+            return fields
+
+    def recent(self, limit: int, state: str | None = None) -> list[JobRecord]:
+        """The newest `limit` jobs (in `state`, or any), newest first (`osteo-node jobs list`)."""
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            query = query.where(Job.state == state)
+        with Session(self.engine) as session:
+            return [JobRecord.from_row(row) for row in session.scalars(query)]
 
     def turnaround(self, kind: str) -> list[tuple[dt.datetime, dt.datetime | None]]:
         """(instance received_at, job finished_at) of every `kind` job, oldest instance first:

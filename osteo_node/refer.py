@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import audit
+from .config import ReferralSettings
 from .db import Referral, ReferralEvent, Result, utcnow
 from .eligibility import patient_age_years
 
@@ -47,16 +48,8 @@ RULE_OSTEOPOROSIS, RULE_LOW_BMD = "osteoporosis", "low_bmd"
 _TOLERANCE = 1e-9
 
 
-@dataclass(frozen=True)
-class ReferralPolicy:
-    """The `[referral]` section of the configuration (without `enabled`)."""
-
-    osteoporosis_threshold: float = 0.5
-    low_bmd_threshold: float = 0.8
-    min_age: int = 50
-    max_age: int | None = None
-    allow_unknown_age: bool = False
-    repeat_window_days: int = 730
+#: The policy is the validated `[referral]` section itself: its defaults are defined once, there.
+ReferralPolicy = ReferralSettings
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """The worker: claims jobs from the queue and runs them.
 
-An `infer` job screens one instance (osteo_node.pipeline), writes the SR and SC through the file
-store and records the result, which queues one `send` job per destination. A `send` job
-C-STOREs the results to its destination. Failures go back to the queue, which retries with
+What each job kind does and what follows it is declared in flow.py: the worker runs the method
+`flow.STEPS` names for the job's kind and completes the job with its outcome and follow-ups. An
+`infer` job screens one instance (osteo_node.pipeline), writes the SR and SC through the file
+store and records the result (results.py). A `send` job C-STOREs the results to its destination;
+a `refer` job applies the referral policy. Failures go back to the queue, which retries with
 backoff or dead-letters; the worker never loops on a failure itself.
 
 With `worker.prefetch` > 0 or `worker.batch_size` > 1 an inference worker overlaps images
@@ -29,19 +31,17 @@ from pathlib import Path
 from typing import TypeVar
 
 from pydicom import dcmread
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.orm import Session
 
-from . import audit, pipeline
+from . import audit, pipeline, results
 from .config import Settings
-from .db import Instance, Result
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
-from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
+from .flow import INFER, STEPS
+from .queue import JobRecord, Outcome, Queue, RetryPolicy
 from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
@@ -66,7 +66,7 @@ class Worker:
         self.store = store
         self.inference = inference
         self.name = worker_name()
-        self.kinds = (INFER, SEND, REFER) if inference is not None else (SEND, REFER)
+        self.kinds = tuple(kind for kind, step in STEPS.items() if inference is not None or not step.needs_model)
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_s, w.retry_max_s)
         self.destinations = {d.name: d for d in settings.destinations}
@@ -144,15 +144,19 @@ class Worker:
         return None
 
     def run_job(self, job: JobRecord) -> None:
-        """Run a claimed job start to end; errors propagate (see `attempt`)."""
-        if job.kind == INFER:
-            self._infer(job)
-        elif job.kind == SEND:
-            self._send(job)
-        else:
-            self._refer(job)
+        """Run a claimed job start to end with its kind's handler (flow.STEPS); errors propagate
+        (see `attempt`)."""
+        handler: Callable[[JobRecord], None] = getattr(self, STEPS[job.kind].handler)
+        handler(job)
 
-    def _infer(self, job: JobRecord) -> None:
+    def complete(self, job: JobRecord, outcome: Outcome | None = None) -> bool:
+        """Mark `job` done with its `outcome`, queueing its follow-ups (flow.STEPS), in one
+        transaction; False when the lease was lost (nothing recorded)."""
+        follow_ups = STEPS[job.kind].follow_ups(self.settings)
+        return self.queue.complete(job, outcome=outcome, follow_ups=follow_ups)
+
+    def infer(self, job: JobRecord) -> None:
+        """Screen the instance, write the SR and SC, record the result."""
         source_uid, source = self._stored(job.instance_id)
         self.record(job, source_uid,
                     pipeline.screen(source, self._inference(), self.settings.model.display_max))
@@ -175,29 +179,14 @@ class Worker:
         self.record(job, source_uid, pipeline.report(examined))
 
     def record(self, job: JobRecord, source_uid: str, result: Screening) -> None:
-        """Write the SR and SC durably, then record the result and complete the job."""
+        """Write the SR and SC durably, then complete the job with its result row."""
         model = result.prediction.model
         sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
         sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
         self.store.write(sr_path, to_bytes(result.sr))
         self.store.write(sc_path, to_bytes(result.sc))
-        p = result.prediction.probabilities
-        row = Result(
-            instance_id=job.instance_id,
-            device_uid=model.device_uid,
-            model_name=model.name,
-            model_version=model.version,
-            p_normal=p[0],
-            p_osteopenia=p[1],
-            p_osteoporosis=p[2],
-            category=result.prediction.category,
-            sr_path=sr_path,
-            sc_path=sc_path,
-            sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
-            sc_sop_instance_uid=str(result.sc.SOPInstanceUID),
-        )
-        if self.queue.complete_infer(job, row, self.destinations,
-                                     refer=self.settings.referral.enabled):
+        row = results.result_row(job.instance_id, result, sr_path, sc_path)
+        if self.complete(job, results.screened(row)):
             for stage, seconds in result.seconds.items():
                 STAGE_SECONDS.labels(stage).observe(seconds)
             PROCESSED.labels(result.prediction.category).inc()
@@ -208,46 +197,34 @@ class Worker:
 
     def _stored(self, instance_id: int) -> tuple[str, Path]:
         """(SOP Instance UID, absolute path) of a received instance's stored file."""
-        with Session(self.queue.engine) as session:
-            instance = session.get(Instance, instance_id)
-            if instance is None or not instance.path:
-                raise JobError(f"instance {instance_id} has no stored file")
-            return instance.sop_instance_uid, self.store.absolute(instance.path)
+        source_uid, relative = results.stored_file(self.queue.engine, instance_id)
+        return source_uid, self.store.absolute(relative)
 
-    def _latest_result(self, instance_id: int) -> Result:
-        with Session(self.queue.engine) as session:
-            result = session.scalars(
-                select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
-            ).first()
-            if result is None:
-                raise JobError(f"instance {instance_id} has no result")
-            session.expunge(result)
-            return result
-
-    def _refer(self, job: JobRecord) -> None:
+    def refer(self, job: JobRecord) -> None:
         """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
-        result = self._latest_result(job.instance_id)
+        result = results.latest_result(self.queue.engine, job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         try:
-            outcome = refer(self.queue.engine, self.settings.referral.policy(),
+            outcome = refer(self.queue.engine, self.settings.referral,
                             PatientStudy.from_dataset(header), result)
         except Exception as exc:
             # Database errors quote their parameters, here patient data: keep only the type.
             raise RuntimeError(f"referral step failed ({type(exc).__name__})") from None
-        self.queue.complete(job)
+        self.complete(job)
         log.info("job %d: referral decision for instance %d: %s%s", job.id, job.instance_id,
                  outcome.action, f" (referral {outcome.referral_id})" if outcome.referral_id else "")
 
-    def _send(self, job: JobRecord) -> None:
+    def send(self, job: JobRecord) -> None:
+        """C-STORE the instance's SR and/or SC to the job's destination."""
         destination = self.destinations.get(job.destination)
         if destination is None:
             raise JobError(f"destination {job.destination!r} is no longer configured")
-        result = self._latest_result(job.instance_id)
+        result = results.latest_result(self.queue.engine, job.instance_id)
         files = {"sr": result.sr_path, "sc": result.sc_path}
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
         with STAGE_SECONDS.labels("send").time():
             send_files(destination, paths, self.settings.dicom.ae_title)
-        self.queue.complete(job)
+        self.complete(job)
         SENT.labels(destination.name).inc()
         audit.record(self.queue.engine, self.name, "results.send", "instance", job.instance_id,
                      detail=f"to {destination.name} ({destination.ae_title}@{destination.host}:"

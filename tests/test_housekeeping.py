@@ -15,6 +15,7 @@ from osteo_node import migrate
 from osteo_node.db import Instance, Result, make_engine, utcnow
 from osteo_node.housekeeping import STALE_TMP_S, analyze, purge, start_scheduler, sweep
 from osteo_node.queue import INFER, SEND, Queue, Received, RetryPolicy
+from osteo_node import results
 from osteo_node.store import FileStore
 
 
@@ -34,11 +35,10 @@ def test_purge_keeps_anything_unsent_or_recent(tmp_path: Path, database_url: str
         sr, sc = store.output_path(uid, "9.9", "sr"), store.output_path(uid, "9.9", "sc")
         store.write(sr, b"sr")
         store.write(sc, b"sc")
-        queue.complete_infer(infer, Result(instance_id=instance_id, device_uid="9.9", model_name="m",
-                                           model_version="1", p_normal=1, p_osteopenia=0,
-                                           p_osteoporosis=0, category="normal", sr_path=sr, sc_path=sc,
-                                           sr_sop_instance_uid=uid + ".1", sc_sop_instance_uid=uid + ".2"),
-                             ["pacs"])
+        row = Result(instance_id=instance_id, device_uid="9.9", model_name="m", model_version="1",
+                     p_normal=1, p_osteopenia=0, p_osteoporosis=0, category="normal", sr_path=sr,
+                     sc_path=sc, sr_sop_instance_uid=uid + ".1", sc_sop_instance_uid=uid + ".2")
+        queue.complete(infer, outcome=results.screened(row), follow_ups=[(SEND, "pacs")])
         job = queue.claim("w", 60, kinds=[SEND])
         if send == "done":
             queue.complete(job)

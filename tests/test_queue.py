@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from osteo_node import migrate
 from osteo_node.db import Job, Result, make_engine
 from osteo_node.queue import DONE, FAILED, INFER, QUEUED, RUNNING, SEND, Queue, Received, RetryPolicy
+from osteo_node.results import screened
 
 
 def received(uid: str, eligible: bool = True) -> Received:
@@ -54,7 +55,7 @@ def test_claim_lease_complete_and_send_jobs(queue: Queue) -> None:
     row = Result(instance_id=job.instance_id, device_uid="1.2", model_name="m", model_version="1",
                  p_normal=0.2, p_osteopenia=0.3, p_osteoporosis=0.5, category="osteoporosis",
                  sr_path="a", sc_path="b", sr_sop_instance_uid="1.1", sc_sop_instance_uid="1.2")
-    assert queue.complete_infer(job, row, ["pacs", "archive"])
+    assert queue.complete(job, outcome=screened(row), follow_ups=[(SEND, "pacs"), (SEND, "archive")])
     sends = [queue.claim("w1", 60, kinds=[SEND]) for _ in range(2)]
     assert sorted(s.destination for s in sends if s) == ["archive", "pacs"]
     for send in sends:

@@ -235,7 +235,7 @@ def test_database_error_while_recording_leaves_the_job_to_its_lease(
     """The database is gone when the finisher records one result: the loop logs it and goes on."""
     store = FileStore(tmp_path / "store")
     job_ids = receive(queue, store, tmp_path, range(4))
-    complete_infer, fail = queue.complete_infer, queue.fail
+    complete, fail = queue.complete, queue.fail
 
     def gone(original: Callable[..., Any]) -> Callable[..., Any]:
         def call(job: JobRecord, *args: Any, **kwargs: Any) -> Any:
@@ -244,7 +244,7 @@ def test_database_error_while_recording_leaves_the_job_to_its_lease(
             return original(job, *args, **kwargs)
         return call
 
-    monkeypatch.setattr(queue, "complete_infer", gone(complete_infer))
+    monkeypatch.setattr(queue, "complete", gone(complete))
     monkeypatch.setattr(queue, "fail", gone(fail))
     stop = threading.Event()
     worker = threading.Thread(target=Worker(settings(tmp_path, 2), queue, store, inference).run,
