@@ -7,6 +7,9 @@ patient name or ID.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -37,3 +40,26 @@ def record(
         return
     with Session(session_or_engine) as session, session.begin():
         session.add(event)
+
+
+@dataclass(frozen=True)
+class Query:
+    """Which audit events to list; empty fields match everything."""
+
+    object_type: str = ""
+    object_id: str = ""
+
+
+def search(session: Session, query: Query, *, offset: int = 0,
+           limit: int | None = None) -> tuple[list[AuditEvent], int]:
+    """The events matching `query`, newest first, one page; and how many match in all."""
+    statement = select(AuditEvent)
+    if query.object_type:
+        statement = statement.where(AuditEvent.object_type == query.object_type)
+    if query.object_id:
+        statement = statement.where(AuditEvent.object_id == query.object_id)
+    total = session.scalar(select(func.count()).select_from(statement.subquery())) or 0
+    page = statement.order_by(AuditEvent.id.desc()).offset(offset)
+    if limit is not None:
+        page = page.limit(limit)
+    return list(session.scalars(page)), int(total)

@@ -178,7 +178,7 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
     from . import audit
     from .db import User
-    from .web.auth import AuthError, add_user
+    from .web.auth import AuthError, add_user, set_disabled
 
     engine = _web_engine(settings)
     with Session(engine) as session, session.begin():
@@ -194,8 +194,7 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
             if user is None:
                 print(f"no user {args.name!r}", file=sys.stderr)
                 return 1
-            user.disabled = True
-            audit.record(session, "cli", "user.disable", "user", args.name)
+            set_disabled(session, user, True, actor="cli")
             print(f"user {args.name} disabled")
             return 0
         if args.password_stdin:

@@ -24,7 +24,7 @@ from osteo_node.db import AuditEvent, Referral, User, WebSession, make_engine, u
 from osteo_node.errors import ConfigError
 from osteo_node.refer import ReferralPolicy, refer
 from osteo_node.web import create_app
-from osteo_node.web.app import PUBLIC_PATHS
+from osteo_node.web.app import PUBLIC_PATHS, all_routes
 from osteo_node.web.auth import add_user
 from osteo_node.worklist import CSV_COLUMNS, FHIR_STATUS
 from test_refer import make_result, study_of
@@ -94,7 +94,7 @@ def test_every_route_refuses_anonymous_requests(app, engine: Engine) -> None:  #
     add_referrals(engine, 1)
     c = client(app)
     checked = 0
-    for route in app.routes:
+    for route in all_routes(app):
         if not isinstance(route, (APIRoute, Route)) or route.path in PUBLIC_PATHS:
             continue
         for method in route.methods or ():
@@ -112,7 +112,7 @@ def test_every_route_refuses_anonymous_requests(app, engine: Engine) -> None:  #
 
 def test_coordinator_gets_403_on_admin_pages(app) -> None:  # type: ignore[no-untyped-def]
     c, token = login(app, "coord")
-    admin_routes = [r for r in app.routes if isinstance(r, APIRoute) and r.path.startswith("/admin")]
+    admin_routes = [r for r in all_routes(app) if isinstance(r, APIRoute) and r.path.startswith("/admin")]
     assert len(admin_routes) >= 3
     for route in admin_routes:
         for method in route.methods:

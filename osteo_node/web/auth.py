@@ -16,6 +16,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from .. import audit
 from ..db import AuditEvent, User, WebSession, utcnow
 
 COORDINATOR, ADMIN = "coordinator", "admin"
@@ -73,6 +74,14 @@ def add_user(session: Session, name: str, role: str, password: str) -> User:
     session.add(user)
     session.flush()
     return user
+
+
+def set_disabled(session: Session, user: User, disabled: bool, *, actor: str) -> None:
+    """Disable (or enable again) an account, audited; its open sessions end at once."""
+    user.disabled = disabled
+    if disabled:
+        session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    audit.record(session, actor, "user.disable" if disabled else "user.enable", "user", user.name)
 
 
 def _token_hash(token: str) -> str:
