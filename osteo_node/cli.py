@@ -19,8 +19,46 @@ from .errors import OsteoNodeError
 log = logging.getLogger("osteo_node")
 
 
+#: Loggers of libraries that quote DICOM values (a PatientName, a ReferringPhysicianName) in
+#: their messages, and `py.warnings`, where captured Python warnings land (highdicom and pydicom
+#: warn about person names by quoting them).
+_QUOTING_LOGGERS = ("py.warnings", "highdicom", "pydicom")
+
+
+class PatientDataFilter(logging.Filter):
+    """Keeps patient data out of the log: a record from a library that may quote DICOM values
+    keeps its level, logger and source line, but its text is replaced.
+
+    Our own log lines name referral ids and UIDs only (by review); library text cannot be
+    reviewed, so it is withheld rather than pattern-matched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in _QUOTING_LOGGERS):
+            where = f"{os.path.basename(record.pathname)}:{record.lineno}"
+            if name == "py.warnings":  # logging formats a warning as "file:line: Category: text"
+                where = _warning_origin(record.getMessage())
+            record.msg = f"library message withheld (it may quote patient data); from {where}"
+            record.args = None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _warning_origin(text: str) -> str:
+    """'file.py:12: UserWarning: text' -> 'file.py:12 UserWarning' (without the text)."""
+    head = text.split(": ", 2)
+    if len(head) >= 2 and head[1]:
+        return f"{os.path.basename(head[0])} {head[1].split()[0]}"
+    return "a library warning"
+
+
 def setup_logging(settings: Settings) -> None:
+    """Root handler (text or JSON), quiet third-party loggers, and Python warnings routed into
+    the log through PatientDataFilter (issue 16: highdicom warned with the patient's name)."""
     handler = logging.StreamHandler()
+    handler.addFilter(PatientDataFilter())
+    logging.captureWarnings(True)
     if settings.node.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -165,46 +203,76 @@ def cmd_web(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace, prompt: str, *, confirm: bool = True) -> str | None:
+    """A password from the first line of stdin (--password-stdin) or typed twice without echo;
+    None when the two differ."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass(prompt)
+    if confirm and getpass.getpass("again: ") != password:
+        return None
+    return password
+
+
 def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
-    """Add, disable or list web accounts; the password is read without echo (or from stdin)."""
+    """Web accounts: add, disable, list, unlock (forget failed logins), reset (set a new password
+    as the operator), passwd (change one's own, knowing the current one). Passwords are read
+    without echo, or from stdin with --password-stdin (`passwd`: current, then new, one a line)."""
     import getpass
 
     from . import audit
     from .db import User
-    from .web.auth import AuthError, add_user
+    from .web.auth import (AuthError, add_user, change_own_password, find_user, set_disabled,
+                           set_password, unlock)
 
     engine = _web_engine(settings)
-    with Session(engine) as session, session.begin():
-        if args.action == "list":
+    if args.action == "list":
+        with Session(engine) as session:
             for user in session.scalars(select(User).order_by(User.name)):
                 print(f"{user.name:24} {user.role:12} {'disabled' if user.disabled else 'active'}")
-            return 0
-        if not args.name:
-            print(f"osteo-node user {args.action}: a user name is required", file=sys.stderr)
-            return 2
-        if args.action == "disable":
-            user = session.scalar(select(User).where(User.name == args.name))
-            if user is None:
-                print(f"no user {args.name!r}", file=sys.stderr)
-                return 1
-            user.disabled = True
-            audit.record(session, "cli", "user.disable", "user", args.name)
-            print(f"user {args.name} disabled")
-            return 0
-        if args.password_stdin:
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = getpass.getpass(f"password for {args.name}: ")
-            if getpass.getpass("again: ") != password:
-                print("passwords differ", file=sys.stderr)
-                return 2
-        try:
-            add_user(session, args.name, args.role, password)
-        except AuthError as exc:
-            print(f"osteo-node user add: {exc}", file=sys.stderr)
-            return 2
-        audit.record(session, "cli", "user.add", "user", args.name, detail=args.role)
-    print(f"user {args.name} added ({args.role})")
+        return 0
+    if not args.name:
+        print(f"osteo-node user {args.action}: a user name is required", file=sys.stderr)
+        return 2
+    try:
+        with Session(engine) as session, session.begin():
+            if args.action == "add":
+                password = _read_password(args, f"password for {args.name}: ")
+                if password is None:
+                    print("passwords differ", file=sys.stderr)
+                    return 2
+                add_user(session, args.name, args.role, password)
+                audit.record(session, "cli", "user.add", "user", args.name, detail=args.role)
+                print(f"user {args.name} added ({args.role})")
+                return 0
+            user = find_user(session, args.name)
+            if args.action == "disable":
+                set_disabled(session, user, True, actor="cli")
+                print(f"user {args.name} disabled")
+            elif args.action == "unlock":
+                unlock(session, user, actor="cli")
+                print(f"user {args.name} unlocked: earlier failed logins no longer count")
+            elif args.action == "reset":
+                password = _read_password(args, f"new password for {args.name}: ")
+                if password is None:
+                    print("passwords differ", file=sys.stderr)
+                    return 2
+                set_password(session, user, password, actor="cli")
+                print(f"password of {args.name} reset; their sessions ended")
+            else:  # passwd
+                current = (sys.stdin.readline().rstrip("\r\n") if args.password_stdin
+                           else getpass.getpass(f"current password of {args.name}: "))
+                new = _read_password(args, "new password: ")
+                if new is None:
+                    print("passwords differ", file=sys.stderr)
+                    return 2
+                change_own_password(session, user, current, new)
+                print(f"password of {args.name} changed")
+    except AuthError as exc:
+        print(f"osteo-node user {args.action}: {exc}", file=sys.stderr)
+        return 1 if "no user" in str(exc) else 2
     return 0
 
 
@@ -252,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=["queued", "running", "done", "failed"])
     jobs.add_argument("--limit", type=int, default=50)
     command("web", cmd_web, "the DXA referral worklist web application")
-    user = command("user", cmd_user, "web accounts: add, disable, list")
-    user.add_argument("action", choices=["add", "disable", "list"])
+    user = command("user", cmd_user, "web accounts: add, disable, list, unlock, reset, passwd")
+    user.add_argument("action", choices=["add", "disable", "list", "unlock", "reset", "passwd"])
     user.add_argument("name", nargs="?")
     user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
     user.add_argument("--password-stdin", action="store_true",

@@ -310,11 +310,27 @@ class Settings(_Section):
         return data
 
 
+#: Keys whose values an error message never repeats.
+SECRET_KEYS = ("secret_key", "password", "url")
+
+
+def _redacted(key: str, value: Any) -> Any:
+    """`value` with secrets replaced: a secret key's own value, or such keys inside a section."""
+    if key.rsplit(".", 1)[-1] in SECRET_KEYS:
+        return "***"
+    if isinstance(value, dict):
+        return {k: "***" if k in SECRET_KEYS else _redacted(f"{key}.{k}", v) for k, v in value.items()}
+    return value
+
+
 def _format_error(error: Any) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+    message = str(error["msg"])
+    if "secret_key" in key or "url" in key.rsplit(".", 1)[-1]:
+        return f"{key}: {message}"
+    return f"{key}: {message} (got {_redacted(key, error.get('input'))!r})"
 
 
 def parse_settings(raw: dict[str, Any], base: Path) -> Settings:

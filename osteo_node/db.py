@@ -188,6 +188,9 @@ class Referral(Base):
     study_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, default="")
     sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: PatientTelephoneNumbers (0010,2154) and ReferringPhysicianName: who the coordinator calls.
+    patient_phone: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    referring_physician: Mapped[str] = mapped_column(String(324), default="", server_default="")
     result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
     # --- what caused it: probabilities, model, thresholds ---
     p_normal: Mapped[float] = mapped_column(Float)
@@ -198,7 +201,12 @@ class Referral(Base):
     device_uid: Mapped[str] = mapped_column(UID)
     osteoporosis_threshold: Mapped[float] = mapped_column(Float)
     low_bmd_threshold: Mapped[float] = mapped_column(Float)
-    # --- DXA result, entered by a coordinator ---
+    # --- the coordinator's work: appointment, who works it ---
+    appointment_date: Mapped[dt.date | None] = mapped_column(Date, nullable=True)
+    assigned_to: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # --- DXA result: a copy of the current `dxa_results` row (`dxa_result_id`); rows there are
+    # never updated, a correction supersedes the previous one (osteo_node.dxa) ---
+    dxa_result_id: Mapped[int | None] = mapped_column(ForeignKey("dxa_results.id"), nullable=True)
     dxa_t_lumbar_spine: Mapped[float | None] = mapped_column(Float, nullable=True)
     dxa_t_femoral_neck: Mapped[float | None] = mapped_column(Float, nullable=True)
     dxa_t_total_hip: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -66,6 +66,9 @@ class PatientStudy:
     study_date: dt.date | None
     study_instance_uid: str
     sop_instance_uid: str
+    #: PatientTelephoneNumbers (0010,2154), several joined with ", "; "" when absent.
+    patient_phone: str = ""
+    referring_physician: str = ""
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> "PatientStudy":
@@ -84,6 +87,8 @@ class PatientStudy:
             study_date=_date(text_of("StudyDate")),
             study_instance_uid=text_of("StudyInstanceUID"),
             sop_instance_uid=text_of("SOPInstanceUID"),
+            patient_phone=_phones(ds)[:64],
+            referring_physician=text_of("ReferringPhysicianName")[:324],
         )
 
 
@@ -103,6 +108,14 @@ class Outcome:
     action: str
     referral_id: int | None
     reason: str
+
+
+def _phones(ds: Dataset) -> str:
+    value = ds.get("PatientTelephoneNumbers")
+    if value is None or value == "":
+        return ""
+    values = [value] if isinstance(value, str) else list(value)  # SH, VM 1-n
+    return ", ".join(str(v).strip() for v in values if str(v).strip())
 
 
 def _date(value: str) -> dt.date | None:
@@ -211,6 +224,7 @@ def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: R
             patient_name=study.patient_name, birth_date=study.birth_date, sex=study.sex,
             age=study.age, accession_number=study.accession_number, study_date=study.study_date,
             study_instance_uid=study.study_instance_uid, sop_instance_uid=study.sop_instance_uid,
+            patient_phone=study.patient_phone, referring_physician=study.referring_physician,
             result_id=result.id, p_normal=result.p_normal, p_osteopenia=result.p_osteopenia,
             p_osteoporosis=result.p_osteoporosis, model_name=result.model_name,
             model_version=result.model_version, device_uid=result.device_uid,

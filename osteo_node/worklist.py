@@ -1,5 +1,7 @@
-"""The coordinators' side of referrals: list, change status, enter DXA results, measure outcomes,
-export (CSV, FHIR R4 ServiceRequest). Plain functions over a Session; the web routes call them.
+"""The coordinators' side of referrals: list and search, change status, log contact attempts and
+notes, schedule and assign, enter DXA results (versioned in `dxa_results`), measure outcomes,
+export (CSV, FHIR R4 ServiceRequest, a Bundle of a whole list). Plain functions over a Session;
+the web routes call them.
 
 Status machine: new -> contacted -> scheduled -> completed; from any open status also declined
 (the patient said no) or dismissed (not appropriate), both with a reason. Closed statuses are final.
@@ -9,16 +11,21 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
+import json
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, or_, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, aliased
 
-from . import audit
+from . import audit, dxa
 from .codes import CATEGORY_CODES, DXA_LOINC, DXA_SNOMED
-from .db import Referral, ReferralEvent, utcnow
+from .db import DxaResult, Referral, ReferralEvent, User, utcnow
+from .errors import DxaError
 from .records import CLASS_NAMES, category_from_t_score
 from .refer import (COMPLETED, CONTACTED, DECLINED, DISMISSED, NEW, OPEN_STATUSES, SCHEDULED,
                     STATUSES)
@@ -33,8 +40,15 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     DISMISSED: (),
 }
 NEEDS_REASON = (DECLINED, DISMISSED)
-T_SCORE_RANGE = (-7.0, 5.0)
-SORTS = ("date", "risk", "age")
+T_SCORE_RANGE = dxa.T_SCORE_RANGE
+#: Sort keys of the worklist: referral date (ascending = longest waiting first), study date,
+#: P(osteoporosis), age, name, status.
+SORTS = ("date", "study_date", "risk", "age", "name", "status")
+#: Outcomes of a contact attempt (a phone call, usually).
+CONTACT_OUTCOMES = ("reached", "no answer", "voicemail", "wrong number", "letter sent")
+#: The earliest DXA date accepted: earlier dates are typing errors (a year of 1900 or 0001).
+EARLIEST_DXA = dt.date(1901, 1, 1)
+MAX_SEARCH = 100
 
 
 class WorklistError(ValueError):
@@ -53,8 +67,13 @@ class Filters:
     age_max: float | None = None
     sort: str = "date"
     descending: bool = True
+    #: Words that must each match the patient's name, patient ID or accession number.
+    search: str = ""
+    assigned_to: str | None = None
 
     def __post_init__(self) -> None:
+        if len(self.search) > MAX_SEARCH:
+            raise WorklistError(f"search: at most {MAX_SEARCH} characters")
         if self.status not in (None, "open", *STATUSES):
             raise WorklistError(f"status must be one of open, {', '.join(STATUSES)}; got {self.status!r}")
         if self.risk not in (None, *CLASS_NAMES):
@@ -80,11 +99,20 @@ def _filtered(filters: Filters):  # type: ignore[no-untyped-def]
         query = query.where(Referral.age >= filters.age_min)
     if filters.age_max is not None:
         query = query.where(Referral.age < filters.age_max + 1)  # "up to 80" includes 80.9
+    if filters.assigned_to is not None:
+        query = query.where(Referral.assigned_to == filters.assigned_to)
+    for word in filters.search.replace("^", " ").split():
+        pattern = "%" + word.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = query.where(or_(func.lower(Referral.patient_name).like(pattern, escape="\\"),
+                                func.lower(Referral.patient_id).like(pattern, escape="\\"),
+                                func.lower(Referral.accession_number).like(pattern, escape="\\")))
     return query
 
 
 def _ordered(query, filters: Filters):  # type: ignore[no-untyped-def]
-    key = {"date": Referral.created_at, "risk": Referral.p_osteoporosis, "age": Referral.age}[filters.sort]
+    key = {"date": Referral.created_at, "study_date": Referral.study_date,
+           "risk": Referral.p_osteoporosis, "age": Referral.age, "name": Referral.patient_name,
+           "status": Referral.status}[filters.sort]
     key = key.desc() if filters.descending else key.asc()
     tie = Referral.id.desc() if filters.descending else Referral.id.asc()
     return query.order_by(key, tie)
@@ -113,8 +141,10 @@ def history(session: Session, referral_id: int) -> list[ReferralEvent]:
                                 .order_by(ReferralEvent.at, ReferralEvent.id)))
 
 
-def transition(session: Session, referral: Referral, to_status: str, actor: str, reason: str = "") -> None:
-    """Move `referral` to `to_status` (history event + audit); WorklistError when not allowed."""
+def transition(session: Session, referral: Referral, to_status: str, actor: str, reason: str = "",
+               *, appointment: dt.date | None = None) -> None:
+    """Move `referral` to `to_status` (history event + audit); WorklistError when not allowed.
+    Scheduling needs the appointment date (today or later)."""
     reason = reason.strip()
     allowed = TRANSITIONS.get(referral.status, ())
     if to_status not in allowed:
@@ -122,6 +152,14 @@ def transition(session: Session, referral: Referral, to_status: str, actor: str,
                             f"(allowed: {', '.join(allowed) or 'none, it is closed'})")
     if to_status in NEEDS_REASON and not reason:
         raise WorklistError(f"a reason is required to mark a referral {to_status}")
+    if to_status == SCHEDULED:
+        if appointment is None:
+            raise WorklistError("appointment: give the date of the DXA appointment to schedule it")
+        if not dt.date.today() - dt.timedelta(days=1) <= appointment <= dt.date.today() + dt.timedelta(days=730):
+            raise WorklistError(f"appointment: {appointment.isoformat()} is not between today and "
+                                "two years ahead")
+        referral.appointment_date = appointment
+        reason = f"appointment {appointment.isoformat()}" + (f"; {reason}" if reason else "")
     now = utcnow()
     session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="status",
                               from_status=referral.status, to_status=to_status, reason=reason[:2000]))
@@ -129,6 +167,80 @@ def transition(session: Session, referral: Referral, to_status: str, actor: str,
                  detail=f"{referral.status} -> {to_status}")
     referral.status = to_status
     referral.updated_at = now
+
+
+def log_contact(session: Session, referral: Referral, actor: str, outcome: str, note: str = "") -> None:
+    """Record one attempt to reach the patient (a call, a letter) in the referral's history."""
+    if outcome not in CONTACT_OUTCOMES:
+        raise WorklistError(f"outcome must be one of {', '.join(CONTACT_OUTCOMES)}; got {outcome[:40]!r}")
+    note = note.strip()[:2000]
+    now = utcnow()
+    session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="contact",
+                              reason=outcome + (f": {note}" if note else "")))
+    audit.record(session, actor, "referral.contact", "referral", referral.id, detail=outcome)
+    referral.updated_at = now
+
+
+def add_note(session: Session, referral: Referral, actor: str, text: str) -> None:
+    """A free-text note on the referral (kept in its history, never edited)."""
+    text = text.strip()
+    if not text:
+        raise WorklistError("note: empty")
+    if len(text) > 4000:
+        raise WorklistError("note: at most 4000 characters")
+    now = utcnow()
+    session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="note", reason=text))
+    audit.record(session, actor, "referral.note", "referral", referral.id)
+    referral.updated_at = now
+
+
+def assign(session: Session, referral: Referral, actor: str, assignee: str) -> None:
+    """Give the referral to a coordinator (an active user), or to nobody ("")."""
+    assignee = assignee.strip()
+    if assignee:
+        user = session.scalar(select(User).where(User.name == assignee))
+        if user is None or user.disabled:
+            raise WorklistError(f"assign: no active user {assignee[:64]!r}")
+    if assignee == referral.assigned_to:
+        return
+    now = utcnow()
+    session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="assigned",
+                              reason=f"assigned to {assignee}" if assignee else "unassigned"))
+    audit.record(session, actor, "referral.assign", "referral", referral.id, detail=assignee or "-")
+    referral.assigned_to, referral.updated_at = assignee, now
+
+
+def days_waiting(referral: Referral, now: dt.datetime | None = None) -> int | None:
+    """Whole days since the referral was created, for open referrals; None once closed."""
+    if referral.status not in OPEN_STATUSES:
+        return None
+    return ((now or utcnow()) - referral.created_at).days
+
+
+def current_dxa(session: Session, patient_keys: list[tuple[str, str]]) -> dict[tuple[str, str], DxaResult]:
+    """Each patient's latest DXA result that no later row supersedes, from any source (HL7, CSV,
+    FHIR, manual); patients without one are absent. One query for a page of patients."""
+    if not patient_keys:
+        return {}
+    newer = aliased(DxaResult)
+    superseded = select(newer.id).where(newer.supersedes_id == DxaResult.id).exists()
+    rows = session.scalars(select(DxaResult).where(
+        DxaResult.patient_id.in_({p for p, _ in patient_keys}), ~superseded)
+        .order_by(DxaResult.dxa_date, DxaResult.id))
+    wanted = set(patient_keys)
+    found: dict[tuple[str, str], DxaResult] = {}
+    for row in rows:
+        key = (row.patient_id, row.issuer_of_patient_id)
+        if key in wanted:
+            found[key] = row  # ordered by date: the last one wins
+    return found
+
+
+def dxa_versions(session: Session, referral: Referral) -> list[DxaResult]:
+    """Every DXA row entered on this referral, newest first (corrections included)."""
+    return list(session.scalars(select(DxaResult).where(
+        DxaResult.source == "manual", DxaResult.source_ref == f"referral {referral.id}")
+        .order_by(DxaResult.id.desc())))
 
 
 def parse_t_score(value: str, name: str) -> float | None:
@@ -145,23 +257,55 @@ def parse_t_score(value: str, name: str) -> float | None:
     return t
 
 
-def enter_dxa(session: Session, referral: Referral, actor: str, *, lumbar_spine: float | None,
-              femoral_neck: float | None, total_hip: float | None, date: dt.date) -> None:
-    """Record the DXA T-scores (at least one) and scan date."""
-    if referral.status == DISMISSED:
-        raise WorklistError("a dismissed referral takes no DXA result")
-    if lumbar_spine is None and femoral_neck is None and total_hip is None:
-        raise WorklistError("enter at least one T-score")
-    if date > dt.date.today() + dt.timedelta(days=1):
-        raise WorklistError(f"DXA date {date.isoformat()} is in the future")
-    referral.dxa_t_lumbar_spine, referral.dxa_t_femoral_neck = lumbar_spine, femoral_neck
-    referral.dxa_t_total_hip, referral.dxa_date = total_hip, date
-    now = utcnow()
-    referral.updated_at = now
-    category = dxa_category(referral)
-    session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="dxa",
-                              reason=f"DXA {date.isoformat()}: lowest T-score category {category}"))
-    audit.record(session, actor, "referral.dxa", "referral", referral.id, detail=f"category {category}")
+def enter_dxa(engine: Engine, referral_id: int, actor: str, *, lumbar_spine: float | None,
+              femoral_neck: float | None, total_hip: float | None, date: dt.date) -> int:
+    """Record the DXA T-scores (at least one) and scan date of a referral's patient.
+
+    The result is written once to `dxa_results` through `dxa.record` (source "manual"); a second
+    entry on the same referral is a correction that supersedes the previous row, which stays.
+    The referral keeps a copy of the current values for its page, outcomes and exports.
+    Returns the `dxa_results` row id; WorklistError says what is wrong.
+    """
+    with Session(engine) as session:
+        referral = session.get(Referral, referral_id)
+        if referral is None:
+            raise WorklistError(f"no referral {referral_id}")
+        if referral.status == DISMISSED:
+            raise WorklistError("a dismissed referral takes no DXA result")
+        previous = referral.dxa_result_id
+        patient = (referral.patient_id, referral.issuer_of_patient_id)
+        study_date = referral.study_date or referral.created_at.date()
+    if date < EARLIEST_DXA:
+        raise WorklistError(f"dxa_date: {date.isoformat()} is before {EARLIEST_DXA.year}: a typing error?")
+    if date < study_date:
+        raise WorklistError(f"dxa_date: {date.isoformat()} is before the radiograph of "
+                            f"{study_date.isoformat()}; a DXA for this referral comes after it")
+    try:
+        reading = dxa.DxaReading(patient[0], patient[1], date, lumbar_spine, femoral_neck, total_hip,
+                                 source="manual", source_ref=f"referral {referral_id}")
+    except DxaError as exc:
+        raise WorklistError(str(exc).replace("dxa_date ", "dxa_date: ")) from exc
+    recorded = dxa.record(engine, reading, actor=actor,
+                          supersedes_id=previous if previous is not None else None)
+    with Session(engine) as session, session.begin():
+        referral = session.get(Referral, referral_id)
+        assert referral is not None  # referrals are never deleted
+        if referral.dxa_result_id == recorded.id:
+            return recorded.id  # the same values again: nothing changes
+        referral.dxa_t_lumbar_spine, referral.dxa_t_femoral_neck = lumbar_spine, femoral_neck
+        referral.dxa_t_total_hip, referral.dxa_date = total_hip, date
+        referral.dxa_result_id = recorded.id
+        now = utcnow()
+        referral.updated_at = now
+        values = ", ".join(f"{site} {t:+.1f}" for site, t in reading.t_scores().items())
+        verb = "corrected" if previous is not None else "entered"
+        session.add(ReferralEvent(referral_id=referral.id, at=now, actor=actor, kind="dxa",
+                                  reason=f"DXA {date.isoformat()} {verb}: {values}; lowest T-score "
+                                         f"category {reading.category}"))
+        audit.record(session, actor, "referral.dxa", "referral", referral.id,
+                     detail=f"dxa_results {recorded.id}{f' supersedes {previous}' if previous else ''}; "
+                            f"{date.isoformat()}; {values}; category {reading.category}")
+    return recorded.id
 
 
 def lowest_t_score(referral: Referral) -> float | None:
@@ -233,7 +377,8 @@ CSV_COLUMNS = (
     "patient_name", "birth_date", "sex", "age", "accession_number", "study_date", "study_instance_uid",
     "sop_instance_uid", "p_normal", "p_osteopenia", "p_osteoporosis", "model_name", "model_version",
     "device_uid", "osteoporosis_threshold", "low_bmd_threshold", "dxa_date", "dxa_t_lumbar_spine",
-    "dxa_t_femoral_neck", "dxa_t_total_hip",
+    "dxa_t_femoral_neck", "dxa_t_total_hip", "patient_phone", "referring_physician",
+    "appointment_date", "assigned_to",
 )
 
 
@@ -258,6 +403,7 @@ def to_csv(referrals: list[Referral]) -> str:
     for r in referrals:
         values = {c: getattr(r, c, None) for c in CSV_COLUMNS}
         values["referral_id"] = r.id
+        values["age"] = None if r.age is None else int(r.age)  # whole years, as clinicians say it
         writer.writerow([_csv_safe(values[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
@@ -274,21 +420,56 @@ FHIR_STATUS: dict[str, tuple[str, str]] = {
 SNOMED_SYSTEM, LOINC_SYSTEM = "http://snomed.info/sct", "http://loinc.org"
 
 
+def id_summary(ids: list[int]) -> str:
+    """Every id of an exported list, compact (runs as a-b) and with a SHA-256 digest of the full
+    comma-separated list, for the audit trail: which patients left the node, not just how many."""
+    runs: list[str] = []
+    ordered = sorted(ids)
+    start = prev = None
+    for i in ordered + [None]:  # type: ignore[list-item]
+        if start is not None and (i is None or i != prev + 1):  # type: ignore[operator]
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if i is not None and start is None:
+            start = i
+        prev = i
+    digest = hashlib.sha256(",".join(map(str, ordered)).encode()).hexdigest()[:16]
+    return f"{len(ids)} referrals; ids {','.join(runs) or '-'}; sha256 {digest}"
+
+
 def _fhir_date(value: dt.date | None) -> str | None:
     return value.isoformat() if value else None
+
+
+#: Identifier systems: referral ids are this node's; accession numbers and patient ids are
+#: the issuer's (IssuerOfPatientID), named as a URN when it is not already a URI or an OID.
+REFERRAL_SYSTEM = "urn:osteo-node:referral"
+PATIENT_SYSTEM_PREFIX = "urn:osteo-node:patient-id:"
+ACCESSION_SYSTEM = "urn:osteo-node:accession"
+
+
+def patient_id_system(issuer: str) -> str:
+    """The FHIR identifier system of a PatientID issued by `issuer` ("" = the local issuer)."""
+    issuer = issuer.strip()
+    if issuer.replace(".", "").isdigit() and "." in issuer:
+        return f"urn:oid:{issuer}"
+    if issuer.startswith(("http://", "https://", "urn:")):
+        return issuer
+    return PATIENT_SYSTEM_PREFIX + (urllib.parse.quote(issuer, safe="") or "local")
 
 
 def to_fhir(referral: Referral) -> dict[str, Any]:
     """The referral as a FHIR R4 ServiceRequest for a DXA scan (plain dict, JSON-ready)."""
     status, intent = FHIR_STATUS[referral.status]
     finding = CATEGORY_CODES[referral.risk_category]
-    identifier: dict[str, Any] = {"value": referral.patient_id}
+    identifier: dict[str, Any] = {"system": patient_id_system(referral.issuer_of_patient_id),
+                                  "value": referral.patient_id}
     if referral.issuer_of_patient_id:
         identifier["assigner"] = {"display": referral.issuer_of_patient_id}
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "id": f"osteo-referral-{referral.id}",
-        "identifier": [{"system": "urn:osteo-node:referral", "value": str(referral.id)}],
+        "identifier": [{"system": REFERRAL_SYSTEM, "value": str(referral.id)}],
         "status": status,
         "intent": intent,
         "category": [{"text": "Osteoporosis screening follow-up"}],
@@ -318,9 +499,31 @@ def to_fhir(referral: Referral) -> dict[str, Any]:
             f"thresholds: osteoporosis {referral.osteoporosis_threshold}, low BMD "
             f"{referral.low_bmd_threshold}.")}],
     }
+    if referral.accession_number:
+        resource["requisition"] = {"system": ACCESSION_SYSTEM, "value": referral.accession_number}
     if referral.dxa_date:
         resource["occurrenceDateTime"] = _fhir_date(referral.dxa_date)
+    elif referral.appointment_date:
+        resource["occurrenceDateTime"] = _fhir_date(referral.appointment_date)
     for entry in (resource["subject"], resource["supportingInfo"][0]):
         if entry.get("display") is None:
             entry.pop("display", None)
     return resource
+
+
+def to_fhir_bundle(referrals: list[Referral]) -> dict[str, Any]:
+    """A whole list as one FHIR R4 Bundle (type collection) of ServiceRequests, each checked by
+    fhir.resources' R4B models (the same ServiceRequest as R4), so what leaves the node parses."""
+    from fhir.resources.R4B.bundle import Bundle
+
+    now = utcnow().replace(tzinfo=dt.UTC)
+    bundle = Bundle.model_validate({
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": now.isoformat(),
+        "identifier": {"system": "urn:osteo-node:export", "value": now.strftime("%Y%m%dT%H%M%S.%fZ")},
+        "entry": [{"fullUrl": f"urn:osteo-node:referral:{r.id}", "resource": to_fhir(r)}
+                  for r in referrals],
+    })
+    result: dict[str, Any] = json.loads(bundle.model_dump_json(exclude_none=True))
+    return result
