@@ -60,8 +60,9 @@ CREATOR = "osteo-node"
 #: Tolerance on sum(probabilities) == 1 accepted from the model (float32 softmax).
 _SUM_TOLERANCE = 1e-4
 
-UNVERIFIED_TEXT = "AI result - unverified: not reviewed by a physician."
-NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE: model trained on synthetic phantoms."
+#: The disclaimers in words, short: a viewer prints them as labels beside the image.
+UNVERIFIED_TEXT = "AI result - unverified by a physician"
+NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE (trained on phantoms)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,13 +249,14 @@ def summary_lines(prediction: Prediction) -> list[str]:
 
     Written into the SR as TEXT "Comment" items, in this order. OHIF labels a measurement group
     with its comments first and at most five lines in all, so everything a reader needs fits
-    in the first five (four without the not-for-clinical-use line).
+    in the first five (four without the not-for-clinical-use line); it places the label to the
+    right of the outlined image, where lines of ~50 characters fit beside a chest radiograph.
     """
     model = prediction.model
     probs = dict(zip(CLASS_NAMES, prediction.probabilities, strict=True))
     lines = [
         f"AI prediction: {prediction.category} (p = {probs[prediction.category]:.2f})",
-        "Probabilities: " + ", ".join(f"{name} {p:.2f}" for name, p in probs.items()),
+        ", ".join(f"{name} {p:.2f}" for name, p in probs.items()),
         f"Model: {model.name} {model.version} ({model.backbone}/{model.method})",
         UNVERIFIED_TEXT,
     ]

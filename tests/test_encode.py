@@ -215,10 +215,11 @@ def test_sr_comments_state_the_result_in_words() -> None:
     assert comments == summary_lines(pred)
     p = pred.probabilities
     assert comments[0] == f"AI prediction: osteoporosis (p = {p[2]:.2f})"
-    assert comments[1] == f"Probabilities: normal {p[0]:.2f}, osteopenia {p[1]:.2f}, osteoporosis {p[2]:.2f}"
+    assert comments[1] == f"normal {p[0]:.2f}, osteopenia {p[1]:.2f}, osteoporosis {p[2]:.2f}"
     assert comments[2] == "Model: reference 1.0.0 (dinov2/lora)"
-    assert comments[3].startswith("AI result - unverified")
-    assert comments[4].startswith("NOT FOR CLINICAL USE")
+    assert comments[3] == "AI result - unverified by a physician"
+    assert comments[4] == "NOT FOR CLINICAL USE (trained on phantoms)"
+    assert max(len(c) for c in comments) <= 50  # short enough to sit beside the image in OHIF
 
 
 def test_sr_measurements_are_placed_on_the_source_image(source: pydicom.Dataset) -> None:
