@@ -139,11 +139,12 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
     if not settings.destinations:
         report("destinations", "none configured: results would not be sent anywhere")
     for destination in settings.destinations:
+        probe = "QIDO-RS" if destination.kind == "dicomweb" else "C-ECHO"
         try:
             echo(destination, settings.dicom.ae_title)
-            report(f"destination {destination.name} (C-ECHO)", None)
+            report(f"destination {destination.name} ({probe})", None)
         except OsteoNodeError as exc:
-            report(f"destination {destination.name} (C-ECHO)", str(exc))
+            report(f"destination {destination.name} ({probe})", str(exc))
     return 1 if failures else 0
 
 

@@ -10,7 +10,7 @@ code is standard):
 * DCM: 126000 Imaging Measurement Report (CID 7021, the only fitting TID 1500 title),
   109102 Processing Equipment (CID 7005, purpose of reference of the Contributing Equipment
   Sequence for an AI algorithm that processed the image; highdicom allows only CID 7005 values),
-  121007 Device (CID 270 observer type).
+  121007 Device (CID 270 observer type), 121106 Comment (the result in words, TEXT).
 * UCUM: "1" (no units) for probabilities, fractions and IoU: they are dimensionless ratios in
   [0, 1]; "%" is deliberately not used so that the three probabilities sum to exactly 1.
 * 99OSTEO: a private coding scheme (PS3.16 Section 8: private schemes start with "99") for the
@@ -86,8 +86,9 @@ RESULT_STATUS = _private("RESULT-STATUS", "Result status")
 UNVERIFIED_AI_RESULT = _private("UNVERIFIED-AI", "Unverified AI result")
 INTENDED_USE = _private("INTENDED-USE", "Intended use")
 NOT_FOR_CLINICAL_USE = _private("NOT-CLINICAL", "Not for clinical use")
-#: Concept name of free-text disclaimers in the measurement group.
-DISCLAIMER = _private("DISCLAIMER", "Disclaimer")
+#: Concept name of the TEXT lines stating the result in words (prediction, model, disclaimers):
+#: DCM 121106 "Comment", the concept viewers print as a measurement group's label (OHIF).
+COMMENT: Code = codes.DCM.Comment
 
 # --- Context ---------------------------------------------------------------------------------
 #: TID 1500 document title (CID 7021).

@@ -11,13 +11,15 @@ import logging
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -29,6 +31,8 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 AE_TITLE_PATTERN = re.compile(r"^[\x21-\x5b\x5d-\x7e]([\x20-\x5b\x5d-\x7e]{0,14})$")
+#: The password in a URL's user information (scheme://user:password@host).
+_URL_PASSWORD = re.compile(r"//([^:/@]+):[^@]*@")
 
 
 
@@ -167,14 +171,90 @@ class StorageSettings(_Section):
     min_free_disk_mb: int = Field(default=1024, ge=0)
 
 
+class DicomwebAuth(_Section):
+    """HTTP authentication to a DICOMweb destination: a bearer token, or basic user + password.
+
+    Secrets are `SecretStr`: they never appear in logs, `redacted()` or config errors.
+    """
+
+    token: SecretStr | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> "DicomwebAuth":
+        if self.token is not None and (self.user is not None or self.password is not None):
+            raise ValueError("give either auth.token (bearer) or auth.user and auth.password "
+                             "(basic), not both")
+        if (self.user is None) != (self.password is None):
+            raise ValueError("auth.user and auth.password must be given together (basic auth)")
+        if self.token is None and self.user is None:
+            raise ValueError("auth needs token (bearer) or user and password (basic)")
+        return self
+
+
 class Destination(_Section):
+    """Where results go: a DICOM C-STORE peer (`kind = "dimse"`, the default: ae_title, host,
+    port, tls) or a DICOMweb STOW-RS service (`kind = "dicomweb"`: url, auth, verify_tls, ca)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    ae_title: AETitle
-    host: str
-    port: Port
+    kind: Literal["dimse", "dicomweb"] = "dimse"
     send: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
+    # kind = "dimse"
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
     #: DICOM TLS to this destination; absent: plain TCP.
     tls: TlsSettings | None = None
+    # kind = "dicomweb"
+    #: Base URL of the DICOMweb service (STOW-RS posts to URL/studies).
+    url: str | None = None
+    auth: DicomwebAuth | None = None
+    #: Verify the server's HTTPS certificate (against `ca`, or the system trust store).
+    verify_tls: bool = True
+    #: PEM CA bundle for the server's certificate; absent: the system trust store.
+    ca: ConfigFile | None = None
+    #: Seconds to wait for the DICOMweb server to connect and to answer.
+    timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> "Destination":
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        web = {"url": self.url, "auth": self.auth, "ca": self.ca}
+        if self.kind == "dimse":
+            missing = [k for k, v in dimse.items() if v is None]
+            if missing:
+                raise ValueError(f"kind 'dimse' needs {', '.join(missing)} (or set kind = "
+                                 "'dicomweb' with url)")
+            stray = [k for k, v in web.items() if v is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} apply to kind 'dicomweb' only")
+            return self
+        if self.url is None:
+            raise ValueError("kind 'dicomweb' needs url, the DICOMweb base URL (e.g. "
+                             "https://pacs.example.org/dicom-web)")
+        stray = [k for k, v in {**dimse, "tls": self.tls}.items() if v is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} apply to kind 'dimse' only (kind 'dicomweb' uses "
+                             "url, auth, verify_tls, ca)")
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"url must be an http:// or https:// URL, got {self.url!r}")
+        if parts.username or parts.password:
+            raise ValueError("url must not carry credentials; put them in [destinations.auth]")
+        if parts.query or parts.fragment:
+            raise ValueError(f"url must be a base URL without query or fragment, got {self.url!r}")
+        if self.auth is not None and parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(f"auth over plain http to {parts.hostname!r} would expose the "
+                             "credentials: use an https:// url")
+        return self
+
+    @property
+    def address(self) -> str:
+        """Where it is, for logs and the audit trail (no credentials)."""
+        if self.kind == "dicomweb":
+            return f"DICOMweb {self.url}"
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class EligibilitySettings(_Section):
@@ -305,21 +385,23 @@ class Settings(_Section):
     def redacted(self) -> dict[str, Any]:
         """The effective settings for the start-up log, secrets removed."""
         data = self.model_dump(mode="json")
-        data["database"]["url"] = re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", self.database_url)
+        data["database"]["url"] = _URL_PASSWORD.sub(r"//\1:***@", self.database_url)
         data["web"]["secret_key"] = "***" if self.web.secret_key else ""
         return data
 
 
-#: Keys whose values an error message never repeats.
-SECRET_KEYS = ("secret_key", "password", "url")
+#: Keys whose values are secrets: never repeated in an error message.
+SECRET_KEYS = frozenset({"token", "password", "secret_key"})
 
 
-def _redacted(key: str, value: Any) -> Any:
-    """`value` with secrets replaced: a secret key's own value, or such keys inside a section."""
-    if key.rsplit(".", 1)[-1] in SECRET_KEYS:
-        return "***"
+def _hide_secrets(value: Any) -> Any:
+    """`value` with the values of SECRET_KEYS and URL passwords replaced by "***", at any depth."""
     if isinstance(value, dict):
-        return {k: "***" if k in SECRET_KEYS else _redacted(f"{key}.{k}", v) for k, v in value.items()}
+        return {k: "***" if k in SECRET_KEYS else _hide_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_hide_secrets(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"//\1:***@", value)
     return value
 
 
@@ -327,10 +409,10 @@ def _format_error(error: Any) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
-    message = str(error["msg"])
-    if "secret_key" in key or "url" in key.rsplit(".", 1)[-1]:
-        return f"{key}: {message}"
-    return f"{key}: {message} (got {_redacted(key, error.get('input'))!r})"
+    received = error.get("input")
+    if error["loc"] and error["loc"][-1] in SECRET_KEYS:
+        received = "***"
+    return f"{key}: {error['msg']} (got {_hide_secrets(received)!r})"
 
 
 def parse_settings(raw: dict[str, Any], base: Path) -> Settings:

@@ -26,6 +26,7 @@ import pydicom
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
+    CoordinatesForMeasurement,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     Measurement,
@@ -36,6 +37,7 @@ from highdicom.sr import (
     QualitativeEvaluation,
     RelationshipTypeValues,
     SourceImageForMeasurementGroup,
+    SourceImageForRegion,
     TextContentItem,
     TrackingIdentifier,
 )
@@ -58,8 +60,9 @@ CREATOR = "osteo-node"
 #: Tolerance on sum(probabilities) == 1 accepted from the model (float32 softmax).
 _SUM_TOLERANCE = 1e-4
 
-UNVERIFIED_TEXT = "AI result - unverified: not reviewed by a physician."
-NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE: model trained on synthetic phantoms."
+#: The disclaimers in words, short: a viewer prints them as labels beside the image.
+UNVERIFIED_TEXT = "AI result - unverified by a physician"
+NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE (trained on phantoms)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,10 +87,19 @@ def build_sr(
     * TID 1501 measurement group "classification": TID 4019 algorithm identification, one
       TID 300 measurement per class (concept names `codes.PROBABILITY_CODES`, unit UCUM "1",
       order CLASS_NAMES, summing to 1), the predicted category as a coded qualitative
-      evaluation (SNOMED CT), coded + TEXT disclaimers (unverified; not for clinical use when
-      `prediction.model.clinical_use` is False).
+      evaluation (SNOMED CT), coded disclaimers (unverified; not for clinical use when
+      `prediction.model.clinical_use` is False) and the same result as TEXT (DCM 121106
+      "Comment") lines that a person reads: prediction, probabilities, model, disclaimers
+      (`summary_lines`).
     * TID 1501 measurement group "bone attention", only when `attention` is given: fraction of
       saliency mass in bone, IoU with bone, and one fraction per bone structure (finding site).
+
+    Every TID 300 measurement is INFERRED FROM a SCOORD on the source image: the closed
+    polyline around the whole image, the region the model read (it sees the whole radiograph,
+    letterboxed). Viewers that place measurements on images need it: OHIF 3.x
+    (extension-cornerstone-dicom-sr) shows a TID 1500 report only through groups it can place,
+    labelled with the group's "Comment" texts and measurements, and stops loading the report
+    at the first group without coordinates (docs/viewers.md).
 
     VerificationFlag UNVERIFIED, CompletionFlag COMPLETE, PreliminaryFlag PRELIMINARY.
     Patient and study attributes are copied from `source` by highdicom (evidence).
@@ -224,14 +236,59 @@ def _tracking(source: pydicom.Dataset, model: ModelIdentity, what: str) -> Track
     )
 
 
-def _disclaimers(model: ModelIdentity) -> tuple[list[QualitativeEvaluation], list[str]]:
-    """Coded (machine-readable) and TEXT (human-readable) statements on the result's status."""
+def _disclaimers(model: ModelIdentity) -> list[QualitativeEvaluation]:
+    """Coded (machine-readable) statements on the result's status; `summary_lines` has the text."""
     coded = [QualitativeEvaluation(codes.RESULT_STATUS, codes.UNVERIFIED_AI_RESULT)]
-    texts = [UNVERIFIED_TEXT]
     if not model.clinical_use:
         coded.append(QualitativeEvaluation(codes.INTENDED_USE, codes.NOT_FOR_CLINICAL_USE))
-        texts.append(NOT_CLINICAL_TEXT)
-    return coded, texts
+    return coded
+
+
+def summary_lines(prediction: Prediction) -> list[str]:
+    """The result in words, one line each: prediction, probabilities, model, disclaimers.
+
+    Written into the SR as TEXT "Comment" items, in this order. OHIF labels a measurement group
+    with its comments first and at most five lines in all, so everything a reader needs fits
+    in the first five (four without the not-for-clinical-use line); it places the label to the
+    right of the outlined image, where lines of ~50 characters fit beside a chest radiograph.
+    """
+    model = prediction.model
+    probs = dict(zip(CLASS_NAMES, prediction.probabilities, strict=True))
+    lines = [
+        f"AI prediction: {prediction.category} (p = {probs[prediction.category]:.2f})",
+        ", ".join(f"{name} {p:.2f}" for name, p in probs.items()),
+        f"Model: {model.name} {model.version} ({model.backbone}/{model.method})",
+        UNVERIFIED_TEXT,
+    ]
+    if not model.clinical_use:
+        lines.append(NOT_CLINICAL_TEXT)
+    return lines
+
+
+def _region_read(source: pydicom.Dataset) -> list[CoordinatesForMeasurement]:
+    """INFERRED FROM (TID 300 -> TID 320) the whole source image: the region the model read.
+
+    A closed polyline along the image's outer edge in image coordinates (PS3.3 C.18.6.1.2: the
+    top left corner of the top left pixel is (0, 0), the bottom right corner of the bottom right
+    pixel is (Columns, Rows)).
+    """
+    try:
+        rows, cols = float(source.Rows), float(source.Columns)
+    except AttributeError as exc:
+        raise ValueError(
+            f"source {source.get('SOPInstanceUID')} lacks Rows/Columns needed for the SR: {exc}"
+        ) from exc
+    outline = np.array([[0.0, 0.0], [cols, 0.0], [cols, rows], [0.0, rows], [0.0, 0.0]])
+    return [
+        CoordinatesForMeasurement(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=outline,
+            source_image=SourceImageForRegion(
+                referenced_sop_class_uid=str(source.SOPClassUID),
+                referenced_sop_instance_uid=str(source.SOPInstanceUID),
+            ),
+        )
+    ]
 
 
 def _classification_group(
@@ -244,10 +301,10 @@ def _classification_group(
             name=codes.PROBABILITY_CODES[name],
             value=float(p),
             unit=codes.UNIT_ONE,
+            referenced_coordinates=_region_read(source),
         )
         for name, p in zip(CLASS_NAMES, prediction.probabilities, strict=True)
     ]
-    coded_disclaimers, texts = _disclaimers(model)
     group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking(source, model, "classification"),
         finding_category=codes.FINDING_CATEGORY,
@@ -258,17 +315,17 @@ def _classification_group(
             QualitativeEvaluation(
                 codes.PREDICTED_CATEGORY, codes.CATEGORY_CODES[prediction.category]
             ),
-            *coded_disclaimers,
+            *_disclaimers(model),
         ],
         source_images=[_source_reference(source)],
     )
-    # TID 1501 allows TEXT qualitative evaluations; highdicom's group constructor only takes
-    # coded ones, so the validated TEXT items are appended to the group's content.
-    for text in texts:
+    # TID 1501 is extensible and TEXT "Comment" items are what viewers print; highdicom's group
+    # constructor takes no TEXT items, so the validated items are appended to its content.
+    for line in summary_lines(prediction):
         group[0].ContentSequence.append(
             TextContentItem(
-                name=codes.DISCLAIMER,
-                value=text,
+                name=codes.COMMENT,
+                value=line,
                 relationship_type=RelationshipTypeValues.CONTAINS,
             )
         )
@@ -292,8 +349,10 @@ def _attention_group(
             name=codes.BONE_MASS_FRACTION,
             value=float(attention.bone_mass_fraction),
             unit=codes.UNIT_ONE,
+            referenced_coordinates=_region_read(source),
         ),
-        Measurement(name=codes.IOU_BONE, value=float(attention.iou_bone), unit=codes.UNIT_ONE),
+        Measurement(name=codes.IOU_BONE, value=float(attention.iou_bone), unit=codes.UNIT_ONE,
+                    referenced_coordinates=_region_read(source)),
     ]
     for structure, fraction in sorted(attention.per_structure.items()):
         measurements.append(
@@ -302,6 +361,7 @@ def _attention_group(
                 value=float(fraction),
                 unit=codes.UNIT_ONE,
                 finding_sites=[FindingSite(codes.structure_code(structure))],
+                referenced_coordinates=_region_read(source),
             )
         )
     return MeasurementsAndQualitativeEvaluations(
@@ -558,4 +618,4 @@ def to_bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-__all__: Sequence[str] = ("build_sr", "build_sc", "render_overlay", "to_bytes")
+__all__: Sequence[str] = ("build_sr", "build_sc", "render_overlay", "summary_lines", "to_bytes")

@@ -1,8 +1,13 @@
-"""The sender: C-STORE SCU (and C-ECHO) to the configured destinations.
+"""The sender: C-STORE SCU (and C-ECHO) or DICOMweb STOW-RS (and QIDO-RS) to the destinations.
 
 pynetdicom never transcodes, so each object is offered in its own transfer syntax plus explicit
 and implicit VR little endian. Every returned status is checked: an empty status (association
 aborted, or a peer that answers without a Status) is a failure like any non-success code.
+
+A `kind = "dicomweb"` destination receives the same files by STOW-RS (dicomweb-client), in one
+request; an HTTP error, a FailedSOPSequence or an instance missing from the answer's
+ReferencedSOPSequence is a failure. Retries belong to the queue (backoff, dead letter), so the
+client's own retrying is off. Credentials never reach a log line or an error message.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import logging
 import socket
 from pathlib import Path
 
-from pydicom import dcmread
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
@@ -38,6 +45,8 @@ def _no_delay(event: evt.Event) -> None:
 
 def _associate(ae: AE, destination: Destination) -> Association:
     """Associate with `destination` (over TLS when configured) or raise SendError."""
+    assert destination.host is not None and destination.port is not None \
+        and destination.ae_title is not None, "a dimse destination has them (config validation)"
     tls = None
     if destination.tls is not None:
         # Verify the certificate against the CA; the host name is checked too unless the
@@ -47,8 +56,8 @@ def _associate(ae: AE, destination: Destination) -> Association:
                          tls_args=tls, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
         raise SendError(
-            f"destination {destination.name!r} ({destination.ae_title}@{destination.host}:"
-            f"{destination.port}): association rejected or no answer"
+            f"destination {destination.name!r} ({destination.address}): association rejected or "
+            "no answer"
         )
     return assoc
 
@@ -62,7 +71,11 @@ def _ae(calling_ae: str, timeout_s: float) -> AE:
 
 
 def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> None:
-    """C-ECHO `destination`; raises SendError saying why when it does not answer success."""
+    """C-ECHO `destination` (a QIDO-RS query for a DICOMweb one); raises SendError saying why
+    when it does not answer success."""
+    if destination.kind == "dicomweb":
+        _probe_dicomweb(destination, timeout_s)
+        return
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)
     assoc = _associate(ae, destination)
@@ -77,7 +90,11 @@ def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> 
 def send_files(
     destination: Destination, paths: list[Path], calling_ae: str, timeout_s: float = 60.0
 ) -> None:
-    """C-STORE every file at `paths` to `destination` over one association, or raise SendError."""
+    """C-STORE every file at `paths` to `destination` over one association (STOW-RS them in one
+    request to a DICOMweb destination), or raise SendError."""
+    if destination.kind == "dicomweb":
+        stow(destination, paths, timeout_s)
+        return
     headers = [dcmread(p, stop_before_pixels=True) for p in paths]
     ae = _ae(calling_ae, timeout_s)
     for header in headers:
@@ -99,3 +116,71 @@ def send_files(
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+# --------------------------------------------------------------------------------------------
+# DICOMweb
+# --------------------------------------------------------------------------------------------
+
+
+def _client(destination: Destination, timeout_s: float) -> DICOMwebClient:
+    """A DICOMweb client for `destination`: its auth, TLS verification and timeout, no retries."""
+    assert destination.url is not None, "a dicomweb destination has a url (config validation)"
+    session = requests.Session()
+    auth = destination.auth
+    if auth is not None and auth.token is not None:
+        session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
+    elif auth is not None and auth.user is not None and auth.password is not None:
+        session.auth = (auth.user, auth.password.get_secret_value())
+    session.verify = str(destination.ca) if destination.verify_tls and destination.ca else \
+        destination.verify_tls
+    client = DICOMwebClient(destination.url, session=session,
+                            timeout=min(timeout_s, destination.timeout_s))
+    client.set_http_retry_params(retry=False)  # the queue retries, with backoff and a dead letter
+    return client
+
+
+def _http_failure(destination: Destination, what: str, exc: Exception) -> SendError:
+    """SendError for a failed request, naming the destination and the HTTP status, no secrets."""
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        hint = " (authentication refused: check [destinations.auth])" if status in (401, 403) else ""
+        return SendError(f"destination {destination.name!r} ({destination.address}): {what} "
+                         f"answered HTTP {status} {exc.response.reason}{hint}")
+    return SendError(f"destination {destination.name!r} ({destination.address}): {what} failed: "
+                     f"{type(exc).__name__}")
+
+
+def _probe_dicomweb(destination: Destination, timeout_s: float) -> None:
+    """QIDO-RS `GET {url}/studies?limit=1`: reachable, authenticated and speaking DICOMweb."""
+    try:
+        _client(destination, timeout_s).search_for_studies(limit=1)
+    except (requests.RequestException, ValueError) as exc:
+        raise _http_failure(destination, "QIDO-RS query", exc) from None
+
+
+def stow(destination: Destination, paths: list[Path], timeout_s: float = 60.0) -> None:
+    """STOW-RS the files at `paths` to a DICOMweb destination in one request, or raise SendError.
+
+    A re-send stores the same SOP Instance UIDs again: the server keeps one copy of each.
+    """
+    datasets = [dcmread(p) for p in paths]
+    uids = [str(ds.SOPInstanceUID) for ds in datasets]
+    try:
+        answer = _client(destination, timeout_s).store_instances(datasets)
+    except (requests.RequestException, ValueError) as exc:
+        raise _http_failure(destination, "STOW-RS", exc) from None
+    failed = _referenced_uids(answer, "FailedSOPSequence")
+    stored = _referenced_uids(answer, "ReferencedSOPSequence")
+    missing = [uid for uid in uids if uid in failed or (stored and uid not in stored)]
+    if missing:
+        raise SendError(f"destination {destination.name!r} ({destination.address}): STOW-RS did "
+                        f"not store {', '.join(missing)}")
+    for uid in uids:
+        log.info("sent %s to %s", uid, destination.name)
+
+
+def _referenced_uids(answer: Dataset, keyword: str) -> set[str]:
+    """SOP Instance UIDs listed in a STOW-RS answer's `keyword` sequence (PS3.18 Table 10.5.3-1)."""
+    return {str(item.ReferencedSOPInstanceUID) for item in answer.get(keyword, [])
+            if "ReferencedSOPInstanceUID" in item}

@@ -227,8 +227,7 @@ class Worker:
         self.complete(job)
         SENT.labels(destination.name).inc()
         audit.record(self.queue.engine, self.name, "results.send", "instance", job.instance_id,
-                     detail=f"to {destination.name} ({destination.ae_title}@{destination.host}:"
-                            f"{destination.port})")
+                     detail=f"to {destination.name} ({destination.address})")
         log.info("job %d: results of instance %d delivered to %s", job.id, job.instance_id,
                  destination.name)
 

@@ -17,8 +17,10 @@ from osteo_node.db import Job, make_engine
 
 
 def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int,
+                 destinations: list[dict[str, Any]] | None = None,
                  **sections: dict[str, Any]) -> Path:
-    """A node config for tests: fast polling and retries, one destination `pacs`."""
+    """A node config for tests: fast polling and retries, one destination `pacs` (C-STORE to
+    ORTHANC on `pacs_port`) unless `destinations` are given."""
     port = free_port()
     base: dict[str, Any] = {
         "node": {"data_dir": str(folder / "var"), "log_level": "INFO"},
@@ -32,7 +34,8 @@ def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int
     }
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
-    base["destinations"] = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}]
+    base["destinations"] = destinations if destinations is not None else [
+        {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}]
     return processes.write_config(folder / "node.toml", base)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -11,16 +12,37 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port, require_tool
+import pytest
+from conftest import IN_CI, free_port, require_tool
 
 GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"
+#: Debian package orthanc-dicomweb: QIDO-RS, WADO-RS, STOW-RS under /dicom-web/, WADO-URI under /wado.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def require_dicomweb_plugin() -> str:
+    """The DICOMweb plugin's path; skip when missing (fail instead under CI=true)."""
+    if not Path(DICOMWEB_PLUGIN).exists():
+        message = f"{DICOMWEB_PLUGIN} missing (Debian: apt-get install orthanc-dicomweb)"
+        if IN_CI:
+            pytest.fail(f"{message}; CI must have it")
+        pytest.skip(message)
+    return DICOMWEB_PLUGIN
 
 
 class Orthanc:
-    """Start with `start()`, stop with `stop()`; `dicom_port` and AE `ORTHANC` receive results."""
+    """Start with `start()`, stop with `stop()`; `dicom_port` and AE `ORTHANC` receive results.
 
-    def __init__(self, folder: Path, node_port: int, node_ae: str = "OSTEO_NODE") -> None:
+    `dicomweb`: load the DICOMweb plugin; its base URL is `dicomweb_url`. `http_user`: require
+    HTTP basic authentication with this (user, password) on the REST API and DICOMweb.
+    A stopped Orthanc starts again on the same ports and storage.
+    """
+
+    def __init__(self, folder: Path, node_port: int, node_ae: str = "OSTEO_NODE", *,
+                 dicomweb: bool = False, http_user: tuple[str, str] | None = None) -> None:
         self.folder = folder
+        self.dicomweb = dicomweb
+        self.http_user = http_user
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.node_port = node_port
@@ -45,6 +67,13 @@ class Orthanc:
             "Plugins": [GDCM_PLUGIN] if Path(GDCM_PLUGIN).exists() else [],
             "StableAge": 1,
         }
+        if self.dicomweb:
+            config["Plugins"].append(require_dicomweb_plugin())
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
+                                  "WadoRoot": "/wado/", "Ssl": False}
+        if self.http_user is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {self.http_user[0]: self.http_user[1]}
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config))
         return path
@@ -75,10 +104,17 @@ class Orthanc:
                 self.process.wait()
         self.process = None
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
     def _request(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data,
                                          method=method)
+        if self.http_user is not None:
+            token = base64.b64encode(":".join(self.http_user).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=60) as response:
             raw = response.read()
         return json.loads(raw) if raw[:1] in (b"{", b"[") else raw

@@ -41,6 +41,61 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw: dict, expected: str) -
     assert expected in str(info.value)
 
 
+WEB = {"name": "vna", "kind": "dicomweb", "url": "https://vna.example.org/dicom-web"}
+
+
+@pytest.mark.parametrize(
+    ("destination", "expected"),
+    [
+        ({**WEB, "kind": "dicom"}, "destinations.0.kind: Input should be 'dimse' or 'dicomweb'"),
+        ({"name": "vna", "kind": "dicomweb"}, "kind 'dicomweb' needs url"),
+        ({"name": "pacs", "ae_title": "X", "host": "h"}, "kind 'dimse' needs port"),
+        ({**WEB, "ae_title": "X"}, "ae_title apply to kind 'dimse' only"),
+        ({"name": "pacs", "ae_title": "X", "host": "h", "port": 1, "url": "https://a/b"},
+         "url apply to kind 'dicomweb' only"),
+        ({**WEB, "url": "ftp://vna/dicom-web"}, "url must be an http:// or https:// URL"),
+        ({**WEB, "auth": {"user": "u"}}, "auth.user and auth.password must be given together"),
+        ({**WEB, "auth": {}}, "auth needs token (bearer) or user and password (basic)"),
+        ({**WEB, "timeout_s": 0}, "destinations.0.timeout_s: Input should be greater than 0"),
+    ],
+)
+def test_bad_destinations_name_the_key_and_what_is_allowed(destination: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"destinations": [destination]}, Path("/tmp"))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        {**WEB, "auth": {"token": "tok-SECRET-1", "user": "u"}},
+        {**WEB, "url": "http://vna.example.org/dicom-web", "auth": {"user": "u", "password": "pw-SECRET-1"}},
+        {**WEB, "url": "https://u:pw-SECRET-1@vna.example.org/dicom-web"},
+        {**WEB, "auth": {"token": ["tok-SECRET-1"]}},
+    ],
+)
+def test_destination_errors_never_show_secrets(destination: dict) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_settings({"destinations": [destination]}, Path("/tmp"))
+    assert "destinations.0" in str(info.value)
+    assert "SECRET" not in str(info.value), str(info.value)
+
+
+def test_dicomweb_destination_secrets_stay_out_of_the_log(tmp_path: Path) -> None:
+    settings = parse_settings({"destinations": [{**WEB, "auth": {"user": "u", "password": "pw-SECRET-1"}},
+                                                {**WEB, "name": "b", "auth": {"token": "tok-SECRET-1"}}]},
+                              tmp_path)
+    vna, other = settings.destinations
+    assert vna.auth is not None and vna.auth.password is not None
+    assert vna.auth.password.get_secret_value() == "pw-SECRET-1"
+    assert "SECRET" not in str(settings.redacted()) and "SECRET" not in repr(settings)
+    assert vna.address == "DICOMweb https://vna.example.org/dicom-web" and vna.verify_tls
+    # plain http is accepted on loopback (a local test PACS), and without credentials
+    parse_settings({"destinations": [{**WEB, "url": "http://127.0.0.1:8042/dicom-web",
+                                      "auth": {"token": "t"}}]}, tmp_path)
+    parse_settings({"destinations": [{**WEB, "url": "http://vna.example.org/dicom-web"}]}, tmp_path)
+
+
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.toml")

@@ -24,6 +24,7 @@ from osteo_node.encode import (
     SR_SERIES_NUMBER,
     build_sc,
     build_sr,
+    summary_lines,
     to_bytes,
 )
 from osteo_node.records import CLASS_NAMES, BoneAttention, Heatmap, ModelIdentity, Prediction
@@ -171,9 +172,11 @@ def test_sr_round_trip(source: pydicom.Dataset) -> None:
     names = _algorithm_texts(sr)
     assert names["Algorithm Name"] == ["reference"]
     assert names["Algorithm Version"] == ["1.0.0"]
-    texts = names["Disclaimer"]
+    texts = names["Comment"]
     assert any("unverified" in t for t in texts)
     assert any("NOT FOR CLINICAL USE" in t for t in texts)
+    (status,) = group.get_qualitative_evaluations(name=codes.RESULT_STATUS)
+    assert status.value == codes.concept(codes.UNVERIFIED_AI_RESULT)
 
 
 def _algorithm_texts(sr: pydicom.Dataset) -> dict[str, list[str]]:
@@ -194,9 +197,55 @@ def _algorithm_texts(sr: pydicom.Dataset) -> dict[str, list[str]]:
 
 def test_sr_clinical_model_omits_not_for_clinical_use() -> None:
     sr = read_sr(to_bytes(build_sr(rg1(), prediction(clinical_use=True))))
-    texts = _algorithm_texts(sr)["Disclaimer"]
+    texts = _algorithm_texts(sr)["Comment"]
     assert any("unverified" in t for t in texts)
     assert not any("NOT FOR CLINICAL USE" in t for t in texts)
+    assert len(texts) == 4
+
+
+def test_sr_comments_state_the_result_in_words() -> None:
+    """The first five TEXT "Comment" items of the classification group (what OHIF prints as the
+    group's label) carry category, probabilities, model name and version, and the disclaimers."""
+    pred = prediction()
+    sr = read_sr(to_bytes(build_sr(rg1(), pred)))
+    (group,) = report_of(sr).get_image_measurement_groups()
+    comments = [item.TextValue for item in group[0].ContentSequence
+                if item.ValueType == "TEXT"
+                and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert comments == summary_lines(pred)
+    p = pred.probabilities
+    assert comments[0] == f"AI prediction: osteoporosis (p = {p[2]:.2f})"
+    assert comments[1] == f"normal {p[0]:.2f}, osteopenia {p[1]:.2f}, osteoporosis {p[2]:.2f}"
+    assert comments[2] == "Model: reference 1.0.0 (dinov2/lora)"
+    assert comments[3] == "AI result - unverified by a physician"
+    assert comments[4] == "NOT FOR CLINICAL USE (trained on phantoms)"
+    assert max(len(c) for c in comments) <= 50  # short enough to sit beside the image in OHIF
+
+
+def test_sr_measurements_are_placed_on_the_source_image(source: pydicom.Dataset) -> None:
+    """Every TID 300 measurement is INFERRED FROM a SCOORD outlining the whole source image, so
+    that viewers which place measurement groups on images (OHIF) can show the report."""
+    attention = BoneAttention(0.6, 0.3, {"ribs": 0.4})
+    sr = read_sr(to_bytes(build_sr(source, prediction(), attention)))
+    groups = report_of(sr).get_image_measurement_groups()
+    assert len(groups) == 2
+    outline = [0.0, 0.0, source.Columns, 0.0, source.Columns, source.Rows, 0.0, source.Rows,
+               0.0, 0.0]
+    count = 0
+    for group in groups:
+        for item in group[0].ContentSequence:
+            if item.ValueType != "NUM":
+                continue
+            (scoord,) = [c for c in item.ContentSequence if c.ValueType == "SCOORD"]
+            assert scoord.RelationshipType == "INFERRED FROM"
+            assert scoord.GraphicType == "POLYLINE"
+            assert [float(v) for v in scoord.GraphicData] == outline
+            (image,) = scoord.ContentSequence
+            (ref,) = image.ReferencedSOPSequence
+            assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            assert ref.ReferencedSOPClassUID == source.SOPClassUID
+            count += 1
+    assert count == 3 + 3  # three probabilities; bone mass, IoU, ribs
 
 
 def test_sr_image_library_only_when_highdicom_can_describe_the_image() -> None:
@@ -375,6 +424,21 @@ def test_dsrdump_prints_the_tree(tmp_path: Path) -> None:
     assert "Probability of osteoporosis" in result.stdout
     assert "Osteoporosis" in result.stdout
     assert "error" not in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.integration
+def test_dsr2html_renders_the_report(tmp_path: Path) -> None:
+    """DCMTK's dsr2html (a generic SR renderer) shows the result in words."""
+    dsr2html = require_tool("dsr2html")
+    path = tmp_path / "sr.dcm"
+    pred = prediction()
+    path.write_bytes(to_bytes(build_sr(rg1(), pred, BoneAttention(0.6, 0.3))))
+    result = subprocess.run([dsr2html, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr.lower(), result.stderr
+    assert "<html" in result.stdout.lower()
+    for line in summary_lines(pred):
+        assert line in result.stdout, line
 
 
 def test_build_and_serialise_timings(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,107 @@
+"""DICOMweb destinations: STOW-RS to Orthanc's DICOMweb plugin, with auth, re-sends and an outage."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from conftest import free_port
+from dicom_tools import storescu
+from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
+from orthanc import Orthanc
+from osteo_node.config import Destination
+from osteo_node.errors import SendError
+from osteo_node.send import echo, send_files
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "node", "pw-7c1d0e5b"
+
+
+def dicomweb(pacs: Orthanc, **keys: object) -> Destination:
+    return Destination.model_validate({"name": "web", "kind": "dicomweb", "url": pacs.dicomweb_url,
+                                       **keys})
+
+
+def files() -> list[Path]:
+    return [Path(get_testdata_file("CT_small.dcm")), Path(get_testdata_file("MR_small.dcm"))]
+
+
+def test_stow_stores_once_and_a_resend_keeps_one_copy(tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True).start()
+    try:
+        destination = dicomweb(pacs)
+        echo(destination, "OSTEO_NODE")  # the QIDO-RS probe of `osteo-node check`
+        send_files(destination, files(), "OSTEO_NODE")
+        send_files(destination, files(), "OSTEO_NODE")  # a re-send after a lost answer
+        stored = Counter(i["SOPInstanceUID"] for i in pacs.instances())
+        expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files()}
+        assert stored == Counter({uid: 1 for uid in expected})
+    finally:
+        pacs.stop()
+
+
+def test_basic_auth_and_refusals_name_no_secret(tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True, http_user=(USER, PASSWORD)).start()
+    try:
+        good = dicomweb(pacs, auth={"user": USER, "password": PASSWORD})
+        echo(good, "OSTEO_NODE")
+        send_files(good, files()[:1], "OSTEO_NODE")
+        assert len(pacs.get("/instances")) == 1
+        for auth, secret in (({"user": USER, "password": "wrong-password-1"}, "wrong-password-1"),
+                             ({"token": "bearer-token-42"}, "bearer-token-42"), (None, PASSWORD)):
+            bad = dicomweb(pacs, auth=auth)
+            for attempt in (lambda: echo(bad, "OSTEO_NODE"),
+                            lambda: send_files(bad, files(), "OSTEO_NODE")):
+                with pytest.raises(SendError) as info:
+                    attempt()
+                assert "HTTP 401" in str(info.value) and "authentication refused" in str(info.value)
+                assert secret not in str(info.value) and PASSWORD not in str(info.value)
+        assert len(pacs.get("/instances")) == 1
+    finally:
+        pacs.stop()
+
+
+def test_unreachable_server_is_a_send_error(tmp_path: Path) -> None:
+    destination = Destination.model_validate(
+        {"name": "web", "kind": "dicomweb", "url": f"http://127.0.0.1:{free_port()}/dicom-web"})
+    with pytest.raises(SendError, match=r"'web' \(DICOMweb http://127\.0\.0\.1:\d+/dicom-web\): "
+                                        r"STOW-RS failed: ConnectionError"):
+        send_files(destination, files(), "OSTEO_NODE")
+    with pytest.raises(SendError, match="QIDO-RS query failed: ConnectionError"):
+        echo(destination, "OSTEO_NODE")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_url: str,
+                                                      e2e_bundle: str) -> None:
+    """Orthanc down: the send job retries with backoff; Orthanc back: delivered exactly once."""
+    node_port = free_port()
+    pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True, http_user=(USER, PASSWORD))
+    config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle, pacs_port=0,
+                          dicom={"port": node_port}, destinations=[{
+                              "name": "vna", "kind": "dicomweb", "url": pacs.dicomweb_url,
+                              "auth": {"user": USER, "password": PASSWORD}}])
+    node = NodeProcess(config).start()
+    try:
+        chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+        assert storescu(node.port, chest) == ["Success"]
+        wait_for(lambda: any(j.kind == "send" and j.attempts >= 2 and j.state == "queued"
+                             for j in jobs(database_url)), 120, "failed send attempts")
+        (send,) = [j for j in jobs(database_url) if j.kind == "send"]
+        assert "STOW-RS failed: ConnectionError" in (send.last_error or "")
+        pacs.start()
+        wait_for(lambda: jobs_done(database_url, 3), 120, "delivery once the PACS is back")
+        classes = Counter(i["SOPClassUID"] for i in pacs.instances())
+        assert classes == Counter({"1.2.840.10008.5.1.4.1.1.88.34": 1, "1.2.840.10008.5.1.4.1.1.7": 1})
+        sr = next(i for i in pacs.instances() if i["SOPClassUID"].endswith(".88.34"))
+        assert sr["StudyInstanceUID"] == str(dcmread(chest, stop_before_pixels=True).StudyInstanceUID)
+    finally:
+        node.stop()
+        pacs.stop()
+    assert PASSWORD not in node.log()
