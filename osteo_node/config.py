@@ -273,6 +273,14 @@ class WebSettings(_Section):
         return self.tls_cert is not None
 
 
+class BenchSettings(_Section):
+    """`osteo-node bench` only: where its reference tools are."""
+
+    #: Folder with DCMTK's storescu, storescp and echoscu. None: found on PATH (pynetdicom's
+    #: Python scripts of the same names are skipped).
+    dcmtk_dir: ConfigPath | None = None
+
+
 class Settings(_Section):
     """The whole configuration. Build it with `load_settings(path)`."""
 
@@ -286,6 +294,7 @@ class Settings(_Section):
     eligibility: EligibilitySettings = EligibilitySettings()
     referral: ReferralSettings = ReferralSettings()
     web: WebSettings = WebSettings()
+    bench: BenchSettings = BenchSettings()
     destinations: tuple[Destination, ...] = ()
 
     @field_validator("destinations")

@@ -27,7 +27,12 @@ from .receive import ReceiveLimits, start_receiver
 from .store import FileStore
 
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from apscheduler.schedulers.base import BaseScheduler
+
     from .infer import Inference
+    from .work import Worker
 
 # The model stack (torch, transformers, grad-cam: ~0.9 GB resident, ~10 s to import on 2 cores)
 # is imported only where a worker needs it, so that `osteo-node receive` stays small.
@@ -114,44 +119,109 @@ def _listening(server: ThreadedAssociationServer) -> None:
         raise OSError("receiver socket closed")
 
 
-def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
-    """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
-    runtime = open_runtime(settings)
-    inference = load_inference(settings) if work else None
-    server = scheduler = metrics = None
-    checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
-    if inference is not None:
-        identity = inference.identity
-        MODEL.info({"name": identity.name, "version": identity.version,
-                    "device_uid": identity.device_uid, "backbone": identity.backbone})
-    if receive:
-        server = start_receiver(settings.dicom, runtime.queue, runtime.store,
-                                settings.eligibility.rules(), receive_limits(settings))
-        checks["receiver"] = lambda: _listening(server)
-    port = settings.metrics.port if work else settings.metrics.receiver_port
-    if port:
-        try:
-            metrics = start_http(settings.metrics.host, port, runtime.queue, checks)
-        except OSError as exc:  # e.g. a second worker on this host with the same config
-            log.error("metrics endpoint not started: %s:%d: %s (set metrics.port / "
-                      "metrics.receiver_port per process); continuing without it",
-                      settings.metrics.host, port, exc.strerror)
-    if work:
-        scheduler = start_scheduler(runtime.engine, runtime.store, runtime.queue,
-                                    settings.storage.retention_days)
-    try:
-        if work:
-            from .work import Worker
+class Node:
+    """The node's parts for one process, started and stopped together: the database and the
+    file store always; the receiver with `receive`; the model, the worker and the housekeeping
+    scheduler with `work`; the metrics endpoint when its port is set.
 
-            Worker(settings, runtime.queue, runtime.store, inference).run(stop)
+    `serve`, `receive` and `work` run one (`with Node(...) as node: node.run(stop)`); the bench
+    and the tests start one in-process and drive `node.worker` themselves. `inference`: a model
+    already loaded (the bench's), else `start` loads the configured bundle when `work`.
+    """
+
+    def __init__(self, settings: Settings, *, receive: bool, work: bool,
+                 inference: Inference | None = None, housekeeping: bool = True) -> None:
+        self.settings = settings
+        self.receive = receive
+        self.work = work
+        self.housekeeping = housekeeping
+        self.inference = inference
+        self._runtime: Runtime | None = None
+        self._worker: Worker | None = None
+        self.server: ThreadedAssociationServer | None = None
+        self._metrics: WSGIServer | None = None
+        self._scheduler: BaseScheduler | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("Node.start() has not been called")
+        return self._runtime
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            raise RuntimeError("this node has no worker (Node(work=True), then start())")
+        return self._worker
+
+    def start(self) -> Node:
+        """Open the database (refusing an outdated schema), load the model, start the parts."""
+        settings = self.settings
+        try:
+            self._runtime = runtime = open_runtime(settings)
+            if self.work:
+                from .work import Worker
+
+                if self.inference is None:
+                    self.inference = load_inference(settings)
+                identity = self.inference.identity
+                MODEL.info({"name": identity.name, "version": identity.version,
+                            "device_uid": identity.device_uid, "backbone": identity.backbone})
+                self._worker = Worker(settings, runtime.queue, runtime.store, self.inference)
+            checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
+            if self.receive:
+                server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
+                                                      settings.eligibility.rules(), receive_limits(settings))
+                checks["receiver"] = lambda: _listening(server)
+            port = settings.metrics.port if self.work else settings.metrics.receiver_port
+            if port:
+                try:
+                    self._metrics = start_http(settings.metrics.host, port, runtime.queue, checks)
+                except OSError as exc:  # e.g. a second worker on this host with the same config
+                    log.error("metrics endpoint not started: %s:%d: %s (set metrics.port / "
+                              "metrics.receiver_port per process); continuing without it",
+                              settings.metrics.host, port, exc.strerror)
+            if self.work and self.housekeeping:
+                self._scheduler = start_scheduler(runtime.engine, runtime.store, runtime.queue,
+                                                  settings.storage.retention_days)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run(self, stop: threading.Event) -> None:
+        """Work (in this thread) or, for a receiver alone, wait, until `stop` is set."""
+        if self._worker is not None:
+            self._worker.run(stop)
         else:
             stop.wait()
+
+    def stop(self) -> None:
+        """Stop what was started, receiver first (nothing new arrives), database last."""
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics = None
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        if self._runtime is not None:
+            self._runtime.engine.dispose()
+            self._runtime = None
+
+    def __enter__(self) -> Node:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
+    """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
+    try:
+        with Node(settings, receive=receive, work=work) as node:
+            node.run(stop)
     finally:
-        if server is not None:
-            server.shutdown()
-        if metrics is not None:
-            metrics.shutdown()
-        if scheduler is not None:
-            scheduler.shutdown(wait=False)
-        runtime.engine.dispose()
         log.info("stopped")

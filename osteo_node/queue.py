@@ -332,9 +332,22 @@ class Queue:
             )
             return result.rowcount
 
-    def counts(self) -> dict[str, int]:
-        """Number of jobs per state (every state present, zero when none)."""
+    def counts(self, kind: str | None = None) -> dict[str, int]:
+        """Number of jobs (of `kind`, or all) per state (every state present, zero when none)."""
+        query = select(Job.state, func.count()).group_by(Job.state)
+        if kind is not None:
+            query = query.where(Job.kind == kind)
         with Session(self.engine) as session:
-            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+            rows = session.execute(query).all()
         found = {state: count for state, count in rows}
         return {state: found.get(state, 0) for state in STATES}
+
+    def turnaround(self, kind: str) -> list[tuple[dt.datetime, dt.datetime | None]]:
+        """(instance received_at, job finished_at) of every `kind` job, oldest instance first:
+        how long an image took from C-STORE to that step (the bench's end-to-end figures)."""
+        with Session(self.engine) as session:
+            rows = session.execute(
+                select(Instance.received_at, Job.finished_at).join(Job, Job.instance_id == Instance.id)
+                .where(Job.kind == kind).order_by(Instance.id, Job.id)
+            ).all()
+        return [(received, finished) for received, finished in rows]

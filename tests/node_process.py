@@ -1,21 +1,18 @@
-"""Run the node as users do: `osteo-node serve|receive|work --config FILE` in a subprocess."""
+"""Run the node as users do: `osteo-node serve|receive|work --config FILE` in a subprocess
+(osteo_node.bench.processes, shared with the bench)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from conftest import free_port
 from dicom_tools import echoscu
+from osteo_node.bench import processes
 from osteo_node.db import Job, make_engine
 
 
@@ -23,7 +20,7 @@ def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int
                  **sections: dict[str, Any]) -> Path:
     """A node config for tests: fast polling and retries, one destination `pacs`."""
     port = free_port()
-    base = {
+    base: dict[str, Any] = {
         "node": {"data_dir": str(folder / "var"), "log_level": "INFO"},
         "dicom": {"port": port},
         "database": {"url": database_url},
@@ -36,19 +33,11 @@ def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     base["destinations"] = [{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs_port}]
-    path = folder / "node.toml"
-    path.write_text(tomli_w.dumps(base))
-    return path
+    return processes.write_config(folder / "node.toml", base)
 
 
-class NodeProcess:
-    """One `osteo-node COMMAND` process; its log goes to a file the test can read."""
-
-    def __init__(self, config: Path, command: str = "serve") -> None:
-        self.config = config
-        self.command = command
-        self.log_path = config.parent / f"{command}-{time.monotonic_ns()}.log"
-        self.process: subprocess.Popen[bytes] | None = None
+class NodeProcess(processes.NodeProcess):
+    """One `osteo-node COMMAND` process; by default `start` waits until it answers C-ECHO."""
 
     @property
     def port(self) -> int:
@@ -57,33 +46,10 @@ class NodeProcess:
         return load_settings(self.config).dicom.port
 
     def start(self, wait_for_echo: bool = True) -> "NodeProcess":
-        log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "osteo_node.cli", self.command, "--config", str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        super().start()
         if wait_for_echo:
-            deadline = time.monotonic() + 90
-            while not echoscu(self.port):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"node did not start:\n{self.log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            self.wait_ready(lambda: echoscu(self.port), 90, "C-ECHO answer")
         return self
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
 
     def http(self, path: str) -> tuple[int, str]:
         """GET the node's metrics/health endpoint: (status, body)."""
@@ -99,9 +65,6 @@ class NodeProcess:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 def jobs_done(database_url: str, expected: int) -> bool:
