@@ -2,7 +2,7 @@
 
 SQLite (the embedded default) runs in WAL mode with full fsync, and every transaction starts
 with BEGIN IMMEDIATE so that two processes never interleave a read-then-write (job claims stay
-exclusive). PostgreSQL claims jobs with FOR UPDATE SKIP LOCKED (see queue.py).
+exclusive); a connection with the READ_ONLY options begins a plain read transaction instead. PostgreSQL claims jobs with FOR UPDATE SKIP LOCKED (see queue.py).
 """
 
 from __future__ import annotations
@@ -288,6 +288,17 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: Execution options of a connection that only reads: on SQLite its transaction starts with a plain
+#: (deferred) BEGIN, which takes no write lock, so that a read never waits on another process's or
+#: thread's commit (WAL readers see the last committed state). Other databases ignore it.
+READ_ONLY = {"osteo_read_only": True}
+
+
+def _sqlite_begin(connection: Any) -> None:
+    read_only = connection.get_execution_options().get("osteo_read_only", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
 def make_engine(url: str) -> Engine:
     """One engine per process; SQLite gets WAL, fsync and exclusive-write transactions."""
     if url.startswith("sqlite"):
@@ -296,6 +307,6 @@ def make_engine(url: str) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)

@@ -12,6 +12,7 @@ header, fsyncs (short) and renames the file into the store. See docs/performance
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -35,7 +36,7 @@ from .eligibility import SCREENED_SOP_CLASSES, EligibilityRules, decide
 from .errors import StoreError
 from .housekeeping import sweep
 from .observe import RECEIVED
-from .queue import Queue, Received
+from .queue import Known, Queue, Received
 from .store import FileStore
 from .tls import server_context
 
@@ -161,7 +162,8 @@ def _store(
     if problem:
         log.warning("C-STORE refused: %s: %s", sop_uid, problem)
         return DOES_NOT_MATCH_SOP_CLASS, "refused"
-    if queue.is_known(sop_uid):
+    known = queue.known(sop_uid)
+    if known is not None and not _lost_file(known, store):
         log.info("C-STORE %s: already received; no new job", sop_uid)
         return SUCCESS, "duplicate"
     if store.free_bytes() < limits.min_free_bytes:
@@ -172,34 +174,34 @@ def _store(
     except Exception as exc:  # a header value of the wrong type
         log.warning("C-STORE refused: %s: header not usable (%s)", sop_uid, type(exc).__name__)
         return CANNOT_UNDERSTAND, "refused"
-    path, size = "", 0
+    record = Received(
+        sop_instance_uid=str(sop_uid),
+        sop_class_uid=str(sop_class),
+        study_instance_uid=study_uid[:64],
+        path="",
+        size_bytes=0,
+        calling_ae=event.assoc.requestor.ae_title,
+        eligible=decision.eligible,
+        reason=decision.reason,
+    )
     if decision.eligible:
         size = os.path.getsize(received)
         if size > limits.max_instance_bytes:
             log.warning("C-STORE refused: %s: %d bytes exceeds the instance size limit", sop_uid, size)
             return OUT_OF_RESOURCES, "refused"
-        path = store.incoming_path(sop_uid)
-        try:
-            store.adopt(path, received)  # pynetdicom deletes what is left after the handler
-        except StoreError as exc:
-            log.error("C-STORE refused: %s: %s", sop_uid, exc)
-            return OUT_OF_RESOURCES, "refused"
-    record = Received(
-        sop_instance_uid=str(sop_uid),
-        sop_class_uid=str(sop_class),
-        study_instance_uid=study_uid[:64],
-        path=path,
-        size_bytes=size,
-        calling_ae=event.assoc.requestor.ae_title,
-        eligible=decision.eligible,
-        reason=decision.reason,
-    )
+        record = dataclasses.replace(record, path=store.incoming_path(sop_uid), size_bytes=size)
+    if known is not None:  # its file was lost (see _lost_file): store this copy in its place
+        return _restore(record, received, known, queue, store)
     try:
-        instance_id, job_id = queue.record_received(record)
+        if record.path:  # pynetdicom deletes what is left of `received` after the handler
+            instance_id, job_id = store.adopt(record.path, received, lambda: queue.record_received(record))
+        else:
+            instance_id, job_id = queue.record_received(record)
+    except StoreError as exc:
+        log.error("C-STORE refused: %s: %s", sop_uid, exc)
+        return OUT_OF_RESOURCES, "refused"
     except Exception as exc:  # database down: the sender must retry, nothing is half-accepted
         log.error("C-STORE refused: %s: database error (%s)", sop_uid, type(exc).__name__)
-        if path:
-            store.delete(path)
         return OUT_OF_RESOURCES, "refused"
     log.info(
         "C-STORE %s: instance %d %s (%s)%s",
@@ -207,6 +209,35 @@ def _store(
         decision.reason, f", job {job_id}" if job_id else "",
     )
     return SUCCESS, "eligible" if decision.eligible else "ineligible"
+
+
+def _lost_file(known: Known, store: FileStore) -> bool:
+    """Whether an instance recorded as eligible has lost its file before it was purged.
+
+    `FileStore.adopt` syncs the file's folder and commits the instance at the same time, so a
+    power loss between the two can leave a committed instance whose rename did not reach the disk.
+    The sender got no answer then and sends the image again; that copy replaces the lost file
+    (`_restore`) instead of being answered as a duplicate of an image the node no longer has.
+    """
+    return known.eligible and not known.purged and not store.absolute(known.path).is_file()
+
+
+def _restore(record: Received, received: Path, known: Known, queue: Queue, store: FileStore) -> tuple[int, str]:
+    """Store a new copy of an instance whose file was lost and put its infer job back in the queue."""
+    if not record.path:  # judged ineligible now (the rules changed): nothing to put back
+        log.info("C-STORE %s: already received; no new job", record.sop_instance_uid)
+        return SUCCESS, "duplicate"
+    try:
+        store.adopt(known.path, received, lambda: queue.retry_infer(known.instance_id))
+    except StoreError as exc:
+        log.error("C-STORE refused: %s: %s", record.sop_instance_uid, exc)
+        return OUT_OF_RESOURCES, "refused"
+    except Exception as exc:
+        log.error("C-STORE refused: %s: database error (%s)", record.sop_instance_uid, type(exc).__name__)
+        return OUT_OF_RESOURCES, "refused"
+    log.warning("C-STORE %s: instance %d had lost its file; stored again and queued",
+                record.sop_instance_uid, known.instance_id)
+    return SUCCESS, "eligible"
 
 
 class _Socket(AssociationSocket):

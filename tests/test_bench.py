@@ -50,6 +50,21 @@ def test_unknown_section_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--workers must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_floor_copies_and_fsyncs_each_image_over_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from osteo_node.bench import receive
+
+    synced: list[int] = []
+    real_fsync = receive.os.fsync
+    monkeypatch.setattr(receive.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    files = []
+    for i in range(5):
+        files.append(tmp_path / f"image-{i}.dcm")
+        files[-1].write_bytes(bytes([i]) * (100_000 + i))
+    assert receive.floor_rate(files, 2, tmp_path / "floor") > 0
+    written = sorted(path.read_bytes() for path in (tmp_path / "floor").iterdir())
+    assert written == sorted(path.read_bytes() for path in files) and len(synced) == 5
+
+
 def test_worker_counts_double_up_to_the_most() -> None:
     assert worker_counts(1) == [1]
     assert worker_counts(5) == [1, 2, 4, 5]
@@ -80,7 +95,7 @@ def test_bench_reports_every_figure(tiny_bundle: str) -> None:
     assert report["machine"]["cores"] >= 1
     for path, value in numbers({k: report[k] for k in ("receive", "pipeline", "throughput", "memory")}):
         assert math.isfinite(value) and value > 0, f"{path} = {value}"
-    assert "ratio_vs_storescp" in format_table(report)
+    assert "ratio_vs_storescp" in format_table(report) and "floor img/s" in format_table(report)
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_bucket_folders_are_made_durable_up_front(tmp_path: Path, monkeypatch: p
     bucket.rmdir()  # a bucket removed while the node runs is made again, durably
     source = tmp_path / "streamed.dcm"
     source.write_bytes(b"two")
-    store.adopt(first, source)
+    store.adopt(first, source, lambda: None)
     assert synced == [tmp_path / "incoming", source, bucket]
 
 
@@ -61,7 +62,8 @@ def test_adopt_renames_a_file_on_the_same_filesystem(tmp_path: Path) -> None:
     source = tmp_path / "streamed.dcm"
     source.write_bytes(b"dataset")
     inode = source.stat().st_ino
-    target = store.adopt(store.incoming_path("1.2.3"), source)
+    target = store.absolute(store.incoming_path("1.2.3"))
+    store.adopt(store.incoming_path("1.2.3"), source, lambda: None)
     assert target.read_bytes() == b"dataset" and target.stat().st_ino == inode  # moved, not copied
     assert not source.exists() and list((tmp_path / "store" / "tmp").iterdir()) == []
 
@@ -83,8 +85,49 @@ def test_adopt_copies_across_filesystems(tmp_path: Path, monkeypatch: pytest.Mon
     store = FileStore(tmp_path / "store")
     source = tmp_path / "streamed.dcm"
     source.write_bytes(b"dataset")
-    target = store.adopt(store.incoming_path("1.2.3"), source)
+    target = store.absolute(store.incoming_path("1.2.3"))
+    store.adopt(store.incoming_path("1.2.3"), source, lambda: None)
     assert target.read_bytes() == b"dataset" and source.exists()  # pynetdicom deletes its own file
     assert list((tmp_path / "store" / "tmp").iterdir()) == []
     with pytest.raises(StoreError, match="could not store"):
-        store.adopt(store.incoming_path("1.2.4"), tmp_path / "missing.dcm")
+        store.adopt(store.incoming_path("1.2.4"), tmp_path / "missing.dcm", lambda: None)
+
+
+def test_adopt_records_while_the_folder_syncs_and_undoes_a_failed_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's bytes are fsynced before its rename; the folder's fsync (which makes the rename
+    durable) overlaps the database commit (`alongside`), so both wait for one cache flush."""
+    from osteo_node import store as module
+
+    store = FileStore(tmp_path / "store")
+    relative = store.incoming_path("1.2.3")
+    target = store.absolute(relative)
+    recording = threading.Event()
+    synced: list[Path] = []
+    real_fsync = module._fsync
+
+    def fsync(path: Path | str) -> None:
+        if Path(path).is_dir():
+            assert recording.wait(5), "the folder's fsync did not overlap the commit"
+        synced.append(Path(path))
+        real_fsync(path)
+
+    def record() -> int:
+        assert target.read_bytes() == b"dataset"  # renamed in before the commit
+        recording.set()
+        return 7
+
+    monkeypatch.setattr(module, "_fsync", fsync)
+    source = tmp_path / "streamed.dcm"
+    source.write_bytes(b"dataset")
+    assert store.adopt(relative, source, record) == 7
+    assert synced == [source, target.parent]
+
+    def database_down() -> None:
+        raise ConnectionError("database gone")
+
+    source.write_bytes(b"other")
+    with pytest.raises(ConnectionError):
+        store.adopt(store.incoming_path("1.2.4"), source, database_down)
+    assert not store.absolute(store.incoming_path("1.2.4")).exists()

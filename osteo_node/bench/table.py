@@ -17,11 +17,11 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{md['input_size']} px, {md['parameters']:,} parameters)")
     if "receive" in report:
         lines += ["", (f"{'receive':10} {'MB':>6} {'assoc':>5} {'n':>4} {'node img/s':>11} "
-                       f"{'storescp img/s':>15} {'ratio':>6}")]
+                       f"{'storescp img/s':>15} {'ratio':>6} {'floor img/s':>12} {'node/floor':>10}")]
         for c in report["receive"]["cases"]:
             lines.append(f"{c['images']:10} {c['image_mb']:>6.2f} {c['associations']:>5} {c['n']:>4} "
                          f"{c['node_images_per_s']:>11.1f} {c['storescp_images_per_s']:>15.1f} "
-                         f"{c['ratio']:>6.2f}")
+                         f"{c['ratio']:>6.2f} {c['floor_images_per_s']:>12.1f} {c['ratio_to_floor']:>10.2f}")
         lines.append(f"ratio_vs_storescp (CR, 1 association): {report['receive']['ratio_vs_storescp']:.2f}")
     pipeline = report.get("pipeline", {})
     if "stages" in pipeline:
