@@ -1,6 +1,7 @@
 """Assembles the node's parts from the settings: database, queue, store, model, receiver, worker.
 
-`serve` runs receiver + worker + scheduler in one process (the embedded default); `receive` and
+`serve` runs receiver + worker + scheduler (+ the HL7 listener for DXA results when
+`[hl7] enabled`) in one process (the embedded default); `receive` and
 `work` run the parts separately (what the systemd units start). All stop cleanly on SIGTERM.
 """
 
@@ -118,12 +119,19 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
     """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
     runtime = open_runtime(settings)
     inference = load_inference(settings) if work else None
-    server = scheduler = metrics = None
+    server = scheduler = metrics = hl7_listener = None
     checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
     if inference is not None:
         identity = inference.identity
         MODEL.info({"name": identity.name, "version": identity.version,
                     "device_uid": identity.device_uid, "backbone": identity.backbone})
+    if receive and work and settings.hl7.enabled:
+        from .hl7_listener import Listener
+
+        listener = Listener(runtime.engine, settings.hl7,
+                            settings.validation.match_window_days).start()
+        hl7_listener = listener
+        checks["hl7"] = listener.check
     if receive:
         server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                 settings.eligibility.rules(), receive_limits(settings))
@@ -149,6 +157,8 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
     finally:
         if server is not None:
             server.shutdown()
+        if hl7_listener is not None:
+            hl7_listener.shutdown()
         if metrics is not None:
             metrics.shutdown()
         if scheduler is not None:

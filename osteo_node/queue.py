@@ -20,7 +20,7 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from .db import Instance, Job, Result, utcnow
+from .db import Instance, Job, Result, ScreenedImage, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +167,12 @@ class Queue:
         return True
 
     def complete_infer(
-        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False
+        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False,
+        screened: ScreenedImage | None = None,
     ) -> bool:
-        """Record the result, mark the infer job done, queue one send job per destination and,
-        when `refer`, a refer job (the referral decision), all in one transaction."""
+        """Record the result (and `screened`, the image's facts for DXA pairing, once per
+        instance), mark the infer job done, queue one send job per destination and, when `refer`,
+        a refer job (the referral decision), all in one transaction."""
         with Session(self.engine) as session, session.begin():
             if not self._finish(session, job, state=DONE, finished_at=utcnow(), last_error=None):
                 session.rollback()
@@ -182,6 +184,9 @@ class Queue:
             )
             if existing is None:
                 session.add(result)
+            if screened is not None and session.scalar(select(ScreenedImage.id).where(
+                    ScreenedImage.instance_id == screened.instance_id)) is None:
+                session.add(screened)
             follow_ups = [(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
             for kind, name in follow_ups:
                 known = session.scalar(

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from . import audit, pipeline
 from .config import Settings
 from .db import Instance, Result
+from .dxa import ScreenedFacts
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
@@ -196,8 +197,10 @@ class Worker:
             sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
             sc_sop_instance_uid=str(result.sc.SOPInstanceUID),
         )
+        screened = (None if result.source is None
+                    else ScreenedFacts.from_dataset(result.source).row(job.instance_id))
         if self.queue.complete_infer(job, row, self.destinations,
-                                     refer=self.settings.referral.enabled):
+                                     refer=self.settings.referral.enabled, screened=screened):
             for stage, seconds in result.seconds.items():
                 STAGE_SECONDS.labels(stage).observe(seconds)
             PROCESSED.labels(result.prediction.category).inc()
