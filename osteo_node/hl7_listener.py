@@ -52,7 +52,9 @@ FRAME_TIMEOUT_S = 30.0
 #: OBX-11 result statuses used: final and corrected (HL7 table 0085). Others (preliminary,
 #: deleted, wrong patient, cannot be obtained...) are not results to validate against.
 USABLE_STATUSES = ("F", "C", "")
-_SEPARATORS = re.compile(r"[|^~\\&\r\n]")
+#: HL7 escape sequences for the default delimiters (the text of MSA-3 may contain "ORU^R01").
+_ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "&": "\\T\\", "~": "\\R\\",
+            "\r": " ", "\n": " "}
 _PRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
@@ -80,10 +82,10 @@ class Oru:
     correction: bool = False
 
 
-def _get(segment: hl7.Segment, field_num: int, rep: int = 1, comp: int = 1) -> str:
-    """One component of a segment, unescaped, or "" when absent."""
+def _get(segment: hl7.Segment, field_num: int, rep: int = 1, comp: int = 1, sub: int = 1) -> str:
+    """One (sub)component of a segment, unescaped, or "" when absent."""
     try:
-        return str(segment.extract_field(field_num, rep, comp)).strip()
+        return str(segment.extract_field(1, field_num, rep, comp, sub)).strip()
     except (IndexError, KeyError, TypeError, ValueError):
         return ""
 
@@ -123,9 +125,11 @@ def parse(block: bytes) -> hl7.Message:
         raise ValueError("not an HL7 v2 message (it does not start with MSH)")
     try:
         message = hl7.parse(text)
-        message.segment("MSH")
+        msh = message.segment("MSH")
     except Exception as exc:  # python-hl7 raises several types on malformed text
         raise ValueError(f"unparseable HL7 ({type(exc).__name__})") from None
+    if not _get(msh, 9, 1, 1):
+        raise ValueError("MSH-9 (message type) is empty")
     return message
 
 
@@ -167,8 +171,7 @@ def read_oru(message: hl7.Message) -> Oru:
     for rep in range(1, max(1, _repetitions(pid, 3)) + 1):
         patient_id = _get(pid, 3, rep, 1)
         if patient_id:
-            authority = _get(pid, 3, rep, 4)
-            namespace, universal = authority.split("&")[0], "&".join(authority.split("&")[1:2])
+            namespace, universal = _get(pid, 3, rep, 4, 1), _get(pid, 3, rep, 4, 2)
             keys.append((patient_id, namespace))
             if universal:
                 keys.append((patient_id, universal))
@@ -257,9 +260,13 @@ class Handler:
         return Answer(AA, f"stored as DXA result {accepted.recorded.id}", ctrl)
 
 
+def _escape(text: str) -> str:
+    return "".join(_ESCAPES.get(ch, ch) for ch in text)
+
+
 def ack(answer: Answer, message: hl7.Message | None) -> bytes:
     """The ACK for `answer` (MSH + MSA; MSA-3 carries the text), without MLLP framing."""
-    text = _SEPARATORS.sub(" ", answer.text)[:200]
+    text = _escape(answer.text[:200])
     if message is not None:
         try:
             reply = message.create_ack(answer.code, application=_get(message.segment("MSH"), 5)
@@ -270,7 +277,7 @@ def ack(answer: Answer, message: hl7.Message | None) -> bytes:
         except Exception:  # an MSH too malformed to mirror: answer with a minimal one
             pass
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
-    ctrl = _SEPARATORS.sub(" ", answer.control_id)
+    ctrl = _escape(answer.control_id)
     return (f"MSH|^~\\&|{APPLICATION}||||{stamp}||ACK|{uuid.uuid4().hex[:20]}|P|2.5\r"
             f"MSA|{answer.code}|{ctrl}|{text}\r").encode("utf-8")
 
