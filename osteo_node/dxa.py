@@ -244,7 +244,7 @@ def pair(session: Session, reading: DxaReading, window_days: int) -> Match:
                           reading.dxa_date, window_days)
     if match is None:
         raise DxaError(f"no screened image of this patient within {window_days} days of the DXA "
-                       f"date {reading.dxa_date.isoformat()} ([validation] match_window_days)")
+                       "date ([validation] match_window_days)")
     return match
 
 
