@@ -277,6 +277,44 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hl7(settings: Settings, _args: argparse.Namespace) -> int:
+    """The HL7 DXA-results listener alone, until SIGTERM or SIGINT (whatever `hl7.enabled` says:
+    that key starts it inside `serve`)."""
+    from .hl7_listener import Listener
+    from .node import open_runtime, stop_on_signals
+
+    log.info("osteo-node %s hl7 listener starting; settings: %s", __version__,
+             json.dumps(settings.redacted()))
+    stop = stop_on_signals()
+    runtime = open_runtime(settings)
+    listener = Listener(runtime.engine, settings.hl7, settings.validation.match_window_days).start()
+    try:
+        stop.wait()
+    finally:
+        listener.shutdown()
+        runtime.engine.dispose()
+    return 0
+
+
+def cmd_dxa(settings: Settings, args: argparse.Namespace) -> int:
+    """Import DXA results from a CSV file or a FHIR Bundle; exit 0 when none was rejected, 1 when
+    any was (each printed with its place and reason), 2 when the file cannot be read at all."""
+    from .dxa_import import import_file
+    from .node import open_runtime
+
+    runtime = open_runtime(settings)
+    try:
+        report = import_file(runtime.engine, args.file, settings.validation.match_window_days)
+    finally:
+        runtime.engine.dispose()
+    for rejected in report.rejected:
+        print(f"rejected {rejected.where}: {rejected.reason}")
+    ignored = f", ignored {report.ignored} (not DXA T-score Observations)" if report.ignored else ""
+    print(f"imported {report.imported}, duplicate {report.duplicate}, "
+          f"rejected {len(report.rejected)}{ignored}")
+    return 1 if report.rejected else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
     from .bench import OPTIONAL_SECTIONS, SECTIONS, format_table, run_bench
@@ -327,6 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
     user.add_argument("--password-stdin", action="store_true",
                       help="read the password from the first line of stdin (scripts)")
+    command("hl7", cmd_hl7, "the HL7 v2 (MLLP) listener for DXA results alone")
+    dxa = command("dxa", cmd_dxa, "DXA results: import a CSV file or a FHIR Bundle")
+    dxa.add_argument("action", choices=["import"])
+    dxa.add_argument("file", type=Path, help="CSV (patient_id, issuer_of_patient_id, dxa_date, "
+                     "lumbar_spine_t, femoral_neck_t, total_hip_t) or FHIR R4 Bundle (.json)")
     bench = sub.add_parser("bench", help="measure receive rate, pipeline, throughput and memory here")
     bench.add_argument("--config", type=Path, help="TOML configuration (default: built-in defaults)")
     bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")

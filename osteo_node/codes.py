@@ -143,3 +143,30 @@ def concept(code: Code) -> CodedConcept:
 #: used by the receiving system before a clinical release.
 DXA_LOINC = Code("38269-7", "LN", "DXA Bone density")
 DXA_SNOMED = Code("312681000", "SCT", "Bone density scan")
+
+# --- DXA results in (HL7 v2 OBX-3, FHIR Observation.code; osteo_node.dxa) ----------------------
+#: LOINC, as HL7 v2 names it in OBX-3 (component 3) and FHIR in Coding.system.
+LOINC_V2, LOINC_FHIR = "LN", "http://loinc.org"
+#: T-score observations -> site of `osteo_node.dxa.DxaReading`. Verified against LOINC's names
+#: (findacode.com and US Core examples, 2026-11): 38267-1 "DXA Lumbar spine [T-score] Bone
+#: density" (system Abdomen>Spine.lumbar); 38264-8 "DXA Hip [T-score] Bone density" (system Lower
+#: extremity>Hip), the total hip; 38263-0 "DXA Femur [T-score] Bone density" (system Lower
+#: extremity>Femur) and its sided forms 80947-5 (right) and 80948-3 (left, US Core's DXA example).
+#: LOINC has no term whose system is the femoral neck: densitometers and interface engines send the
+#: femoral neck T-score (the WHO reference site) as the femur T-score, so that is how it is read.
+#: 38269-7 (codes.DXA_LOINC) is the whole DXA study report, never a T-score. Z-scores (38265-5,
+#: 38268-9, ...) are not T-scores and are ignored. Several values for one site (left and right
+#: femur): the lowest counts (ISCD: the lowest T-score of the sites measured gives the diagnosis).
+DXA_T_LUMBAR_SPINE = Code("38267-1", "LN", "DXA Lumbar spine [T-score] Bone density")
+DXA_T_FEMUR = Code("38263-0", "LN", "DXA Femur [T-score] Bone density")
+DXA_T_FEMUR_RIGHT = Code("80947-5", "LN", "DXA Femur - right [T-score] Bone density")
+DXA_T_FEMUR_LEFT = Code("80948-3", "LN", "DXA Femur - left [T-score] Bone density")
+DXA_T_HIP = Code("38264-8", "LN", "DXA Hip [T-score] Bone density")
+#: LOINC code -> `DxaReading` site ("lumbar_spine", "femoral_neck", "total_hip").
+DXA_T_SCORE_SITES: Mapping[str, str] = MappingProxyType({
+    DXA_T_LUMBAR_SPINE.value: "lumbar_spine",
+    DXA_T_FEMUR.value: "femoral_neck",
+    DXA_T_FEMUR_RIGHT.value: "femoral_neck",
+    DXA_T_FEMUR_LEFT.value: "femoral_neck",
+    DXA_T_HIP.value: "total_hip",
+})

@@ -292,6 +292,26 @@ class ReferralSettings(_Section):
         return self
 
 
+class Hl7Settings(_Section):
+    """The HL7 v2 listener for DXA results (ORU^R01 over MLLP; osteo_node.hl7_listener)."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: Port = 2575
+    #: MSH-4 values (HD namespace ID) accepted; empty: any sending facility.
+    allowed_sending_facilities: tuple[Annotated[str, Field(min_length=1, max_length=227)], ...] = ()
+    #: A frame larger than this is refused (AR) and the connection closed.
+    max_message_kb: int = Field(default=1024, ge=1, le=65536)
+
+
+class ValidationSettings(_Section):
+    """How DXA results are paired with screened images (site validation)."""
+
+    #: A DXA result is paired with the patient's screened image nearest in time, at most this
+    #: many days before or after it; a result with no such image is refused.
+    match_window_days: int = Field(default=365, ge=0, le=3650)
+
+
 #: Secret keys that appear in documentation and must never be used.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "secret", "please-change-me"})
 MIN_SECRET_LENGTH = 32
@@ -367,6 +387,8 @@ class Settings(_Section):
     referral: ReferralSettings = ReferralSettings()
     web: WebSettings = WebSettings()
     bench: BenchSettings = BenchSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    validation: ValidationSettings = ValidationSettings()
     destinations: tuple[Destination, ...] = ()
 
     @field_validator("destinations")

@@ -1,6 +1,7 @@
 """Assembles the node's parts from the settings: database, queue, store, model, receiver, worker.
 
-`serve` runs receiver + worker + scheduler in one process (the embedded default); `receive` and
+`serve` runs receiver + worker + scheduler (+ the HL7 listener for DXA results when
+`[hl7] enabled`) in one process (the embedded default); `receive` and
 `work` run the parts separately (what the systemd units start). All stop cleanly on SIGTERM.
 """
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from apscheduler.schedulers.base import BaseScheduler
 
+    from .hl7_listener import Listener
     from .infer import Inference
     from .work import Worker
 
@@ -156,6 +158,7 @@ class Node:
         self.server: ThreadedAssociationServer | None = None
         self._metrics: WSGIServer | None = None
         self._scheduler: BaseScheduler | None = None
+        self._hl7: Listener | None = None
 
     @property
     def runtime(self) -> Runtime:
@@ -184,6 +187,12 @@ class Node:
                             "device_uid": identity.device_uid, "backbone": identity.backbone})
                 self._worker = Worker(settings, runtime.queue, runtime.store, self.inference)
             checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
+            if self.receive and self.work and settings.hl7.enabled:  # `serve`
+                from .hl7_listener import Listener
+
+                self._hl7 = Listener(runtime.engine, settings.hl7,
+                                     settings.validation.match_window_days).start()
+                checks["hl7"] = self._hl7.check
             if self.receive:
                 server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                                       settings.eligibility, receive_limits(settings))
@@ -219,6 +228,9 @@ class Node:
         if self._metrics is not None:
             self._metrics.shutdown()
             self._metrics = None
+        if self._hl7 is not None:
+            self._hl7.shutdown()
+            self._hl7 = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None

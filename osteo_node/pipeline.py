@@ -59,12 +59,14 @@ class Examined:
 
 @dataclass(frozen=True, eq=False)
 class Screening:
-    """What the pipeline made of one radiograph, with seconds spent per stage."""
+    """What the pipeline made of one radiograph, with seconds spent per stage, and the source
+    header (without pixels) that the worker records the screened image's facts from."""
 
     prediction: Prediction
     sr: Dataset
     sc: Dataset
     seconds: dict[str, float] = field(default_factory=dict)
+    source: Dataset | None = None
 
 
 def load(path: Path, spec: ModelSpec, display_max: int) -> Loaded:
@@ -102,7 +104,7 @@ def report(examined: Examined) -> Screening:
     laps.lap("sr")
     sc = encode.build_sc(source, examined.loaded.prepared.display, examined.heatmap, examined.prediction)
     laps.lap("sc")
-    return Screening(examined.prediction, sr, sc, {**examined.seconds, **laps.seconds})
+    return Screening(examined.prediction, sr, sc, {**examined.seconds, **laps.seconds}, source)
 
 
 def screen(path: Path, inference: Inference, display_max: int) -> Screening:

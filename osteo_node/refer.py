@@ -10,7 +10,9 @@ Policy (`[referral]` in the configuration), applied to each recorded result:
 * One open referral (new, contacted, scheduled) per patient (PatientID + IssuerOfPatientID): a
   further high-risk image of that patient while one is open is attached to it as a history event.
 * Repeat window: no new referral for a patient referred (any status except dismissed) or scanned
-  (DXA date entered) within `repeat_window_days` before now.
+  (DXA date entered) within `repeat_window_days` before now, nor for one whose DXA result on
+  record (`dxa_results`: HL7, CSV, FHIR) is dated within `repeat_window_days` before the image's
+  study date (or later): she has had her DXA.
 
 The decision functions are pure; `refer()` applies them in one transaction. The worker calls it
 from a durable `refer` job, queued with the result, so a decision is never lost to a crash.
@@ -29,7 +31,7 @@ from sqlalchemy import or_, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, dxa
 from .config import ReferralSettings
 from .db import Referral, ReferralEvent, Result, utcnow
 from .eligibility import patient_age_years
@@ -205,6 +207,13 @@ def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: R
                            f"P(low BMD)={result.p_osteopenia + result.p_osteoporosis:.3f})",
                     sop_instance_uid=study.sop_instance_uid, result_id=result.id))
                 return Outcome("attached", open_one.id, "patient has an open referral")
+            image_day = study.study_date or now.date()
+            last = dxa.last_result(session, study.patient_id, study.issuer_of_patient_id)
+            if last is not None and \
+                    last.dxa_date >= image_day - dt.timedelta(days=policy.repeat_window_days):
+                return Outcome("none", None, f"a DXA result is on record within "
+                               f"{policy.repeat_window_days} days before the image "
+                               f"(DXA result {last.id})")
             window_start = now - dt.timedelta(days=policy.repeat_window_days)
             recent = session.scalars(
                 select(Referral).where(

@@ -9,10 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .db import Instance, Result
+from .db import Instance, Result, ScreenedImage
 from .errors import JobError
 
 if TYPE_CHECKING:
+    from .dxa import ScreenedFacts
     from .pipeline import Screening
     from .queue import Outcome
 
@@ -37,8 +38,9 @@ def result_row(instance_id: int, screening: Screening, sr_path: str, sc_path: st
     )
 
 
-def screened(row: Result) -> Outcome:
-    """An infer job's outcome: its result row, unless this model already has one for the image."""
+def screened(row: Result, facts: ScreenedFacts | None = None) -> Outcome:
+    """An infer job's outcome: its result row, unless this model already has one for the image,
+    and the image's `facts` (patient key, date, ...; for pairing with DXA results), once."""
 
     def store(session: Session) -> None:
         existing = session.scalar(
@@ -46,6 +48,9 @@ def screened(row: Result) -> Outcome:
         )
         if existing is None:
             session.add(row)
+        if facts is not None and session.scalar(select(ScreenedImage.id).where(
+                ScreenedImage.instance_id == row.instance_id)) is None:
+            session.add(facts.row(row.instance_id))
 
     return store
 

@@ -35,6 +35,7 @@ from sqlalchemy.exc import OperationalError
 
 from . import audit, pipeline, results
 from .config import Settings
+from .dxa import ScreenedFacts
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
@@ -186,7 +187,8 @@ class Worker:
         self.store.write(sr_path, to_bytes(result.sr))
         self.store.write(sc_path, to_bytes(result.sc))
         row = results.result_row(job.instance_id, result, sr_path, sc_path)
-        if self.complete(job, results.screened(row)):
+        facts = None if result.source is None else ScreenedFacts.from_dataset(result.source)
+        if self.complete(job, results.screened(row, facts)):
             for stage, seconds in result.seconds.items():
                 STAGE_SECONDS.labels(stage).observe(seconds)
             PROCESSED.labels(result.prediction.category).inc()

@@ -191,3 +191,24 @@ def test_declined_blocks_but_dismissed_does_not(engine: Engine) -> None:
     c = make_result(engine)
     assert refer(engine, POLICY, study_of(c), c).action == "created"
     assert [r.status for r in referrals(engine)] == [DISMISSED, NEW]
+
+
+@pytest.mark.parametrize(("days_before_image", "action"),
+                         [(729, "none"), (0, "none"), (-20, "none"), (731, "created")])
+def test_repeat_window_after_a_dxa_result_on_record(engine: Engine, days_before_image: int,
+                                                    action: str) -> None:
+    """A DXA result that came in by HL7, CSV or FHIR (dxa_results) within repeat_window_days
+    before the image (or after it) means no new referral; the outcome says why, without patient data."""
+    from osteo_node import dxa
+
+    new = make_result(engine)
+    study = study_of(new)
+    assert study.study_date is not None
+    dxa.record(engine, dxa.DxaReading("P1", "", study.study_date - dt.timedelta(days=days_before_image),
+                                      -2.9, None, None, "hl7"))
+    dxa.record(engine, dxa.DxaReading("P2", "", study.study_date, -2.9, None, None, "csv"))  # not her
+    outcome = refer(engine, POLICY, study, new)
+    assert outcome.action == action
+    if action == "none":
+        assert "DXA result is on record within 730 days before the image" in outcome.reason
+        assert "P1" not in outcome.reason and referrals(engine) == []
