@@ -285,11 +285,11 @@ def cmd_hl7(settings: Settings, _args: argparse.Namespace) -> int:
 
     log.info("osteo-node %s hl7 listener starting; settings: %s", __version__,
              json.dumps(settings.redacted()))
-    stop = stop_on_signals()
     runtime = open_runtime(settings)
     listener = Listener(runtime.engine, settings.hl7, settings.validation.match_window_days).start()
     try:
-        stop.wait()
+        with stop_on_signals() as stop:
+            stop.wait()
     finally:
         listener.shutdown()
         runtime.engine.dispose()
