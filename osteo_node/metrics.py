@@ -254,6 +254,38 @@ def bootstrap_indices(
     return out
 
 
+def bootstrap_weights(resamples: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Resamples of indices into `n` cases as weights (len(resamples), n): how often each case was
+    drawn. Weighted metrics then evaluate every resample at once (`weighted_auc`)."""
+    return np.stack([np.bincount(ix, minlength=n) for ix in resamples]).astype(np.float64)
+
+
+def weighted_auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of `score` under each row of case `weights` (k, N): k AUCs in one pass.
+
+    Equals sklearn's roc_auc_score(y_true, score, sample_weight=row) for each row (ties count
+    one half), NaN for a row without weight on both classes. With bootstrap multiplicities as
+    weights it is the AUC of each resample: site validation bootstraps 10,000 pairs x 1000
+    resamples x dozens of subgroups, where one sklearn or rank_auc call per resample (~0.4-3 ms
+    here) would take minutes; this takes seconds.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    order = np.argsort(s, kind="mergesort")
+    s, y, w = s[order], y[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=np.int64)
+    if not starts.size:
+        return np.full(w.shape[0], np.nan)
+    positive = np.add.reduceat(w * y, starts, axis=1)  # weight of positives per distinct score
+    negative = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(negative, axis=1) - negative  # negatives scoring strictly lower
+    pairs = positive.sum(axis=1) * negative.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (positive * (below + 0.5 * negative)).sum(axis=1) / pairs
+    return np.where(pairs > 0, auc, np.nan)
+
+
 def percentile_interval(value: float, samples: Sequence[float], alpha: float = 0.05) -> Interval:
     """Percentile interval of the finite `samples` around `value` (NaN bounds if none are finite)."""
     finite = np.asarray([s for s in samples if not math.isnan(s)], dtype=np.float64)
