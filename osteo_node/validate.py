@@ -111,6 +111,8 @@ RATES: dict[str, tuple[Callable[[np.ndarray, np.ndarray], np.ndarray],
     "npv": (lambda f, y: ~f & ~y, lambda f, y: ~f),
     "flag_rate": (lambda f, y: f, lambda f, y: np.ones_like(f)),
 }
+#: `at_threshold` of a model without a known operating point (or without pairs): same keys, no values.
+NO_RATES: dict[str, Any] = {**{name: None for name in RATES}, "n": None, "ci": None}
 #: Resamples evaluated together (weights of 200 x 10,000 pairs: 16 MB).
 _BATCH = 200
 
@@ -156,14 +158,14 @@ def figures(data: ModelPairs, point: Thresholds | None, resamples: int) -> dict[
     if n == 0:
         empty = Interval(float("nan"), float("nan"), float("nan"))
         out.update(low_bmd_auc=_interval(empty, 0), osteoporosis_auc=_interval(empty, 0), ece=None,
-                   at_threshold=None)
+                   at_threshold=NO_RATES)
         return out
     ci = bootstrap(data, point, resamples)
     out["low_bmd_auc"] = _interval(ci["low_bmd_auc"], n)
     out["osteoporosis_auc"] = _interval(ci["osteoporosis_auc"], n)
     out["ece"] = _num(reliability(p, y, CALIBRATION_BINS).ece)
     if point is None:
-        out["at_threshold"] = None
+        out["at_threshold"] = NO_RATES
         return out
     f, pos = flagged(p, point), y >= 1
     counts = {name: int(den(f, pos).sum()) for name, (_, den) in RATES.items()}
@@ -340,3 +342,15 @@ def _empty(key: ModelKey) -> ModelPairs:
 def live_status(report: Mapping[str, Any]) -> str | None:
     """The live model's status in a report (None when the live model has no results yet)."""
     return next((m["status"] for m in report["models"] if m["role"] == LIVE), None)
+
+
+def live_model_status(engine: Engine, settings: Settings) -> str | None:
+    """The live model's status alone (pairs and low-BMD AUC CI; no subgroups): the worklist's
+    warning banner asks this often. None while the live model has produced no results."""
+    live = read_manifest(resolve_bundle_path(settings.model.bundle))["device_uid"]
+    with Session(engine) as session:
+        data = by_model(session, load_pairs(session, settings.validation.match_window_days)).get(live)
+    if data is None:
+        return None
+    ci = bootstrap(data, None, settings.validation.bootstrap_resamples)["low_bmd_auc"]
+    return status_of(len(data.labels), _num(ci.ci_high), settings.validation)

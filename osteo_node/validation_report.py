@@ -67,7 +67,7 @@ def roc_png(validation: Validation, device_uid: str) -> bytes:
             auc = model["low_bmd_auc" if label == "low BMD" else "osteoporosis_auc"]["value"]
             ax.plot(fpr, tpr, label=f"{label} (AUC {Fmt.num(auc)})")
     at = model.get("at_threshold")
-    if at and at["sensitivity"] is not None and at["specificity"] is not None:
+    if at["sensitivity"] is not None and at["specificity"] is not None:
         ax.plot([1 - at["specificity"]], [at["sensitivity"]], "o", color="crimson",
                 label="operating point")
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01),
@@ -111,7 +111,7 @@ def drift_png(validation: Validation, device_uid: str) -> bytes:
                            [0 if v is None or hi is None else hi - v for v, hi in zip(auc, high)]])
         ax.errorbar(x, values, yerr=errors, fmt="o-", capsize=3, label="low-BMD AUC")
         for key, label in (("sensitivity", "sensitivity"), ("flag_rate", "flag rate")):
-            series = [np.nan if not m["at_threshold"] or m["at_threshold"][key] is None
+            series = [np.nan if m["at_threshold"][key] is None
                       else m["at_threshold"][key] for m in months]
             ax.plot(x, series, "s--", label=label, markersize=4)
         ax.set_xticks(x, [f"{m['month']}\nn={m['pairs']}" for m in months], fontsize=7)
@@ -164,7 +164,7 @@ def summary(report: dict[str, Any]) -> str:
                      f"{Fmt.num(auc['value'])} {Fmt.ci(auc)}; osteoporosis AUC "
                      f"{Fmt.num(osteo['value'])} {Fmt.ci(osteo)}; ECE {Fmt.num(m['ece'])}")
         point, at = m["operating_point"], m["at_threshold"]
-        if point and at:
+        if point and at["n"]:
             lines.append(f"  at low BMD {Fmt.num(point['low_bmd_threshold'], 4)} / osteoporosis "
                          f"{Fmt.num(point['osteoporosis_threshold'], 4)} ({point['source']}): "
                          + ", ".join(f"{k} {Fmt.pct(at[k])} (n {at['n'][k]})"

@@ -35,6 +35,7 @@ from ..db import AuditEvent, Referral, Result, User, make_engine, utcnow
 from ..records import CLASS_NAMES
 from ..refer import STATUSES
 from ..store import FileStore
+from . import performance
 from .auth import (ADMIN, MAX_FAILED_LOGINS, ROLES, AuthError, Sessions, SignedIn, add_user,
                    csrf_ok)
 
@@ -242,6 +243,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         params = dict(request.query_params)
         filters = filters_from(params)
         page_no = max(1, int(_parse_number(params.get("page"), "page") or 1))
+        warning = performance.worklist_warning(request)  # its own transaction: before ours
         with Session(engine) as session:
             rows, total = worklist.find(session, filters, offset=(page_no - 1) * web.page_size,
                                         limit=web.page_size)
@@ -249,6 +251,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             kept = {k: params[k] for k in FILTER_KEYS if params.get(k)}
             pages = max(1, -(-total // web.page_size))
             return page(request, "worklist.html", user, rows=rows, total=total, counts=counts,
+                        model_warning=warning,
                         params=kept, page_no=page_no, pages=pages, statuses=STATUSES,
                         risks=CLASS_NAMES, query=urllib.parse.urlencode(kept),
                         link=lambda **extra: "?" + urllib.parse.urlencode(
@@ -398,4 +401,5 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                          target.name)
         return RedirectResponse("/admin/users", status_code=303)
 
+    app.include_router(performance.make_router(admin, admin_form, page))
     return app
