@@ -166,7 +166,7 @@ def models(session: Session) -> list[ModelKey]:
 
 def by_model(session: Session, pairs: Sequence[Pair]) -> dict[str, ModelPairs]:
     """Device UID -> the pairs whose image that model screened, with its probabilities."""
-    index_of = {}
+    index_of: dict[int, list[int]] = {}
     for i, p in enumerate(pairs):
         index_of.setdefault(p.image.instance_id, []).append(i)
     rows: dict[str, list[tuple[int, tuple[float, float, float]]]] = {}

@@ -155,8 +155,8 @@ def write_report(validation: Validation, out: Path) -> Path:
 
 def summary(report: dict[str, Any]) -> str:
     """A few lines per model for the terminal."""
-    lines = [f"{report['paired_dxa_results']} DXA results paired (window {report['match_window_days']} "
-             f"days; CIs: {report['bootstrap_resamples']} patient-level bootstrap resamples)"]
+    lines = [(f"{report['paired_dxa_results']} DXA results paired (window {report['match_window_days']} "
+              f"days; CIs: {report['bootstrap_resamples']} patient-level bootstrap resamples)")]
     for m in report["models"]:
         auc, osteo = m["low_bmd_auc"], m["osteoporosis_auc"]
         lines.append(f"{m['name']} {m['version']} [{m['role']}] {m['device_uid']}: {m['status']}")

@@ -23,14 +23,37 @@ from osteo_node.config import Settings, parse_settings
 from osteo_node.db import AuditEvent, DxaResult, SiteOperatingPoint, make_engine
 from osteo_node.manifest import read_manifest, resolve_bundle_path
 from osteo_node.metrics import bootstrap_indices, bootstrap_weights, patient_strata
-from osteo_node.operating_point import (Choice, OperatingPointError, Thresholds, bundle_thresholds,
-                                        in_force, rates_at, set_point,
-                                        threshold_for_flags_per_week,
-                                        threshold_for_target_sensitivity)
-from osteo_node.pairing import DxaRow, ImageRow, ModelKey, ModelPairs, Pair, load_model_pairs, pair
+from osteo_node.operating_point import (
+    Choice,
+    OperatingPointError,
+    Thresholds,
+    bundle_thresholds,
+    in_force,
+    rates_at,
+    set_point,
+    threshold_for_flags_per_week,
+    threshold_for_target_sensitivity,
+)
+from osteo_node.pairing import (
+    DxaRow,
+    ImageRow,
+    ModelKey,
+    ModelPairs,
+    Pair,
+    load_model_pairs,
+    pair,
+)
 from osteo_node.refer import ReferralPolicy
-from osteo_node.validate import (FAILING, INSUFFICIENT, LIVE, PASSING, SHADOW, figures, status_of,
-                                 validate)
+from osteo_node.validate import (
+    FAILING,
+    INSUFFICIENT,
+    LIVE,
+    PASSING,
+    SHADOW,
+    figures,
+    status_of,
+    validate,
+)
 from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 
@@ -293,7 +316,7 @@ def test_performance_page_is_for_admins_and_audited(web, engine: Engine) -> None
     coord, _ = signed_in(web, "coord")
     assert coord.get("/admin/performance").status_code == 403
     assert coord.get(f"/admin/performance/{LIVE_UID}/roc.png").status_code == 403
-    boss, csrf = signed_in(web, "boss")
+    boss, _ = signed_in(web, "boss")
     page = boss.get("/admin/performance")
     assert page.status_code == 200 and "reference 0.2.1" in page.text and "candidate 0.0.1" in page.text
     assert "Shadow models against the live model" in page.text

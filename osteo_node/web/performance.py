@@ -30,8 +30,16 @@ from .. import audit
 from ..config import Settings
 from ..db import DxaResult, Result, ScreenedImage, SiteOperatingPoint
 from ..errors import OsteoNodeError
-from ..operating_point import (BUNDLE, FLAGS_PER_WEEK, MANUAL, TARGET_SENSITIVITY, Choice,
-                               OperatingPointError, history, set_point)
+from ..operating_point import (
+    BUNDLE,
+    FLAGS_PER_WEEK,
+    MANUAL,
+    TARGET_SENSITIVITY,
+    Choice,
+    OperatingPointError,
+    history,
+    set_point,
+)
 from ..validate import FAILING, Validation, live_model_status, validate
 from ..validation_report import PLOTS, Fmt, plot
 from .auth import SignedIn
