@@ -36,32 +36,20 @@ from safetensors.torch import load_file, save_file
 
 from osteo_node import __version__
 from osteo_node.errors import BundleError
+# The manifest is read without torch (osteo_node.manifest); BUNDLES_DIR and REFERENCE_COMMAND stay importable here.
+from osteo_node.manifest import (  # noqa: F401
+    BUNDLES_DIR, MANIFEST, REFERENCE_COMMAND, read_manifest, resolve_bundle_path)
 from osteo_node.model import CamChoice, Classifier, ModelSpec, build_classifier, cam_target
 from osteo_node.records import CLASS_NAMES, ModelIdentity
 from osteo_node.uids import new_uid
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "bundle.json"
 FORMAT = "osteo-node-bundle/1"
 BACKBONE_DIR = "backbone"
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
 CARD_FILE = "MODEL_CARD.md"
-
-#: Where the shipped bundles live; `load_bundle("reference")` reads BUNDLES_DIR / "reference".
-BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
-
-#: How to produce the reference bundle (quoted in the error when it is missing).
-REFERENCE_COMMAND = (
-    "osteo-train phantoms --n 3000 --seed 1 --out DATA && "
-    "osteo-train train --manifest DATA/manifest.csv --random-init vit-tiny --input-size 112 "
-    "--pooling cls+mean --epochs 28 --lr 5e-4 --warmup-epochs 1 --augment-strength 0.3 --patience 6 "
-    "--target-sensitivity 0.9 --seed 0 --version 0.2.0 --export-reference && "
-    "osteo-train phantoms --n 150 --seed 31 --out CAMSEL && "
-    "osteo-train cam-select --bundle reference --manifest CAMSEL/manifest.csv --split all --n 24 "
-    "--write --version 0.2.1"
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,24 +87,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def resolve_bundle_path(name_or_path: str | Path) -> Path:
-    """A bundle folder: a path, or a shipped bundle's name ("reference") under BUNDLES_DIR."""
-    text = str(name_or_path)
-    candidate = Path(text).expanduser()
-    if candidate.is_dir() or "/" in text or text.startswith("."):
-        path = candidate
-    else:
-        path = BUNDLES_DIR / text
-    if not (path / MANIFEST).is_file():
-        if text == "reference":
-            raise BundleError(
-                f"the reference bundle is missing ({path / MANIFEST} not found). Produce it with: "
-                f"{REFERENCE_COMMAND}"
-            )
-        raise BundleError(f"no model bundle at {text!r}: {path / MANIFEST} not found")
-    return path.resolve()
 
 
 def export_bundle(
@@ -210,25 +180,6 @@ def export_bundle(
     tmp.rename(out)
     logger.info("exported bundle %s %s (device UID %s) to %s", name, version, manifest["device_uid"], out)
     return out
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of the bundle at `path`, with its required keys checked."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise BundleError(f"bundle {path}: {MANIFEST} is missing") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"bundle {path}: {MANIFEST} is unreadable: {exc}") from exc
-    required = ("name", "version", "device_uid", "backbone", "spec", "class_names", "files")
-    missing = [k for k in required if k not in manifest]
-    if missing:
-        raise BundleError(f"bundle {path}: {MANIFEST} lacks keys {missing}")
-    if tuple(manifest["class_names"]) != CLASS_NAMES:
-        raise BundleError(
-            f"bundle {path}: class_names {manifest['class_names']} differ from {list(CLASS_NAMES)}"
-        )
-    return manifest
 
 
 def verify_files(path: Path, manifest: Mapping[str, Any]) -> None:

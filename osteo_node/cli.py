@@ -58,6 +58,7 @@ def setup_logging(settings: Settings) -> None:
     the log through PatientDataFilter (issue 16: highdicom warned with the patient's name)."""
     handler = logging.StreamHandler()
     handler.addFilter(PatientDataFilter())
+    logging.captureWarnings(False)  # re-armed, so that a second set-up in one process routes them too
     logging.captureWarnings(True)
     if settings.node.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
@@ -315,6 +316,69 @@ def cmd_dxa(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if report.rejected else 0
 
 
+def cmd_validate(settings: Settings, args: argparse.Namespace) -> int:
+    """How well each model works here, from DXA pairs: a summary, JSON, and/or an HTML report."""
+    from .validate import Targets, validate
+
+    validation = validate(_web_engine(settings), settings,
+                          targets=Targets(args.target_sensitivity, args.flags_per_week))
+    if args.out:
+        from .validation_report import write_report
+
+        path = write_report(validation, args.out)
+        print(f"report written to {path}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(validation.report, indent=2))
+    else:
+        from .validation_report import summary
+
+        print(summary(validation.report))
+    return 0
+
+
+def cmd_operating_point(settings: Settings, args: argparse.Namespace) -> int:
+    """Show, set or list the site operating points (thresholds per model version)."""
+    from . import operating_point as op
+
+    engine = _web_engine(settings)
+    if args.action == "set":
+        if not args.device_uid:
+            print("osteo-node operating-point set: --device-uid is required", file=sys.stderr)
+            return 2
+        choice = op.Choice(args.target_sensitivity, args.flags_per_week, args.low_bmd_threshold,
+                           args.bundle_default)
+        row = op.set_point(engine, settings, args.device_uid, choice, "cli")
+        print(f"{row.model_name} {row.model_version} ({row.device_uid}): operating point version "
+              f"{row.version} ({row.basis}): low BMD {row.low_bmd_threshold:.4f}, osteoporosis "
+              f"{row.osteoporosis_threshold:.4f}; expected on {row.pairs} local pairs: {row.expected}")
+        policy = settings.referral
+        if policy.low_bmd_threshold is not None or policy.osteoporosis_threshold is not None:
+            print("warning: [referral] threshold overrides are set in the configuration and win over "
+                  "this operating point; remove them to use it", file=sys.stderr)
+        return 0
+    from .pairing import models
+
+    with Session(engine) as session:
+        if args.action == "history":
+            for row in op.history(session, args.device_uid):
+                print(f"{row.created_at:%Y-%m-%d %H:%M} {row.model_name} {row.model_version} "
+                      f"v{row.version} {row.basis}"
+                      f"{'' if row.target is None else f' {row.target:g}'} low BMD "
+                      f"{row.low_bmd_threshold:.4f} osteoporosis {row.osteoporosis_threshold:.4f} "
+                      f"pairs {row.pairs} by {row.actor} ({row.device_uid})")
+            return 0
+        bundles = op.bundle_thresholds(settings)
+        for key in models(session):
+            if args.device_uid and key.device_uid != args.device_uid:
+                continue
+            point = op.in_force(session, key.device_uid, bundles, settings.referral)
+            where = "none known" if point is None else (
+                f"low BMD {point.low_bmd_threshold:.4f}, osteoporosis "
+                f"{point.osteoporosis_threshold:.4f} ({point.source})")
+            print(f"{key.name} {key.version} ({key.device_uid}): {where}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
     from .bench import OPTIONAL_SECTIONS, SECTIONS, format_table, run_bench
@@ -370,6 +434,25 @@ def build_parser() -> argparse.ArgumentParser:
     dxa.add_argument("action", choices=["import"])
     dxa.add_argument("file", type=Path, help="CSV (patient_id, issuer_of_patient_id, dxa_date, "
                      "lumbar_spine_t, femoral_neck_t, total_hip_t) or FHIR R4 Bundle (.json)")
+    validate = command("validate", cmd_validate, "how well each model works here, from DXA results")
+    validate.add_argument("--json", action="store_true", help="print the report as JSON")
+    validate.add_argument("--out", type=Path, help="write an HTML report with plots into this folder")
+    validate.add_argument("--target-sensitivity", type=float,
+                          help="also show what this target sensitivity (low BMD) would give")
+    validate.add_argument("--flags-per-week", type=float,
+                          help="also show what this many flags a week (DXA capacity) would give")
+    point = command("operating-point", cmd_operating_point,
+                    "site operating points per model version: show, set, history")
+    point.add_argument("action", choices=["show", "set", "history"])
+    point.add_argument("--device-uid", help="the model version (Device UID; see `show`)")
+    chosen = point.add_mutually_exclusive_group()
+    chosen.add_argument("--target-sensitivity", type=float,
+                        help="set: the highest low-BMD threshold reaching this sensitivity on local pairs")
+    chosen.add_argument("--flags-per-week", type=float,
+                        help="set: the lowest low-BMD threshold flagging at most this many a week")
+    chosen.add_argument("--low-bmd-threshold", type=float, help="set: this low-BMD threshold")
+    chosen.add_argument("--bundle-default", action="store_true",
+                        help="set: back to the thresholds validated with the model (bundle.json)")
     bench = sub.add_parser("bench", help="measure receive rate, pipeline, throughput and memory here")
     bench.add_argument("--config", type=Path, help="TOML configuration (default: built-in defaults)")
     bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")

@@ -276,8 +276,11 @@ class ReferralSettings(_Section):
     `refer.refer` applies (there named `ReferralPolicy`; the defaults live here only)."""
 
     enabled: bool = True
-    osteoporosis_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    low_bmd_threshold: float = Field(default=0.8, ge=0.0, le=1.0)
+    #: Explicit overrides of the operating point (osteo_node.operating_point): when set, they win
+    #: over the site operating point and the bundle's validated thresholds, for every model.
+    #: Leave them out (the default) so that each model is run at its own operating point.
+    osteoporosis_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    low_bmd_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     min_age: int = Field(default=50, ge=0, le=130)
     max_age: int | None = Field(default=None, ge=0, le=130)
     allow_unknown_age: bool = False
@@ -305,11 +308,16 @@ class Hl7Settings(_Section):
 
 
 class ValidationSettings(_Section):
-    """How DXA results are paired with screened images (site validation)."""
+    """Site validation: DXA results paired with screened images (osteo_node.pairing, validate)."""
 
-    #: A DXA result is paired with the patient's screened image nearest in time, at most this
-    #: many days before or after it; a result with no such image is refused.
-    match_window_days: int = Field(default=365, ge=0, le=3650)
+    #: A DXA result pairs with the same patient's screened image at most this many days away.
+    match_window_days: int = Field(default=365, ge=1, le=3650)
+    #: Fewer pairs than this: status "insufficient-data" (and no operating point from a target).
+    min_pairs: int = Field(default=100, ge=1)
+    #: Status "failing" when the upper bound of the low-BMD AUC's 95% CI is below this.
+    min_low_bmd_auc: float = Field(default=0.75, gt=0.0, lt=1.0)
+    #: Patient-level bootstrap resamples behind every confidence interval.
+    bootstrap_resamples: int = Field(default=1000, ge=100, le=100000)
 
 
 #: Secret keys that appear in documentation and must never be used.

@@ -160,6 +160,39 @@ class DxaResult(Base):
     received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class SiteOperatingPoint(Base):
+    """A site operating point of one model version (Device UID), set by an admin
+    (osteo_node.operating_point): the thresholds its referrals use.
+
+    Versioned and never updated: each change is a new row with the next `version` for its Device
+    UID, and the highest version is in force. While a model has none, its bundle's validated
+    thresholds apply. Who set it is also in the audit trail.
+    """
+
+    __tablename__ = "operating_points"
+    __table_args__ = (UniqueConstraint("device_uid", "version", name="uq_operating_points_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_uid: Mapped[str] = mapped_column(UID)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(32))
+    version: Mapped[int] = mapped_column(Integer)
+    low_bmd_threshold: Mapped[float] = mapped_column(Float)
+    osteoporosis_threshold: Mapped[float] = mapped_column(Float)
+    #: How it was chosen: "target-sensitivity", "flags-per-week", "manual" or "bundle" (back to
+    #: the bundle's thresholds).
+    basis: Mapped[str] = mapped_column(String(32))
+    #: The target sensitivity or flags per week it was chosen for (None for manual and bundle).
+    target: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Local DXA pairs behind the choice (and behind `expected`).
+    pairs: Mapped[int] = mapped_column(Integer, default=0)
+    #: JSON: what the local data says this point gives (sensitivity, specificity, ppv, npv,
+    #: flag_rate, flags_per_week), as shown when it was set.
+    expected: Mapped[str] = mapped_column(Text, default="{}")
+    actor: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class Referral(Base):
     """A patient put on the DXA referral worklist by a screening result (osteo_node.refer).
 

@@ -2,9 +2,12 @@
 
 Policy (`[referral]` in the configuration), applied to each recorded result:
 
-* Risk: P(osteoporosis) >= `osteoporosis_threshold` (rule "osteoporosis"), otherwise
-  P(osteopenia) + P(osteoporosis) >= `low_bmd_threshold` (rule "low_bmd"). Comparisons allow a
+* Risk: P(osteoporosis) >= the osteoporosis threshold (rule "osteoporosis"), otherwise
+  P(osteopenia) + P(osteoporosis) >= the low-BMD threshold (rule "low_bmd"). Comparisons allow a
   1e-9 tolerance so that probabilities summing to a threshold in exact arithmetic count as reaching it.
+  The thresholds are the operating point in force for the model that produced the result
+  (osteo_node.operating_point: a `[referral]` override, else the site operating point, else the
+  bundle's validated thresholds), looked up in the referral's own transaction.
 * Age: at least `min_age` and, when set, at most `max_age` years at the study (PatientAge, else
   birth date vs study date). Unknown age: referred only when `allow_unknown_age`.
 * One open referral (new, contacted, scheduled) per patient (PatientID + IssuerOfPatientID): a
@@ -26,15 +29,17 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from pydicom.dataset import Dataset
 from sqlalchemy import or_, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from . import audit, dxa
+from . import audit, dxa, operating_point
 from .config import ReferralSettings
 from .db import Referral, ReferralEvent, Result, utcnow
 from .eligibility import patient_age_years
+from .errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +78,7 @@ class PatientStudy:
     referring_physician: str = ""
 
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> "PatientStudy":
+    def from_dataset(cls, ds: Dataset) -> PatientStudy:
         def text_of(keyword: str) -> str:
             value = ds.get(keyword, "")
             return str(value).strip() if value is not None else ""
@@ -127,13 +132,22 @@ def _date(value: str) -> dt.date | None:
         return None
 
 
-def risk_rule(p_osteopenia: float, p_osteoporosis: float, policy: ReferralPolicy) -> str | None:
-    """The rule that fires for these probabilities, or None (osteoporosis rule first)."""
-    if p_osteoporosis >= policy.osteoporosis_threshold - _TOLERANCE:
+def risk_rule(p_osteopenia: float, p_osteoporosis: float,
+              point: operating_point.Thresholds) -> str | None:
+    """The rule that fires for these probabilities at `point`, or None (osteoporosis rule first)."""
+    if p_osteoporosis >= point.osteoporosis_threshold - _TOLERANCE:
         return RULE_OSTEOPOROSIS
-    if p_osteopenia + p_osteoporosis >= policy.low_bmd_threshold - _TOLERANCE:
+    if p_osteopenia + p_osteoporosis >= point.low_bmd_threshold - _TOLERANCE:
         return RULE_LOW_BMD
     return None
+
+
+def flagged(probs: np.ndarray, point: operating_point.Thresholds) -> np.ndarray:
+    """`risk_rule(...) is not None` for each row of `probs` (N, 3): who would be referred on risk
+    (before the age and repeat rules). Site validation measures the operating point with it."""
+    p = np.asarray(probs, dtype=np.float64)
+    return ((p[:, 2] >= point.osteoporosis_threshold - _TOLERANCE)
+            | (p[:, 1] + p[:, 2] >= point.low_bmd_threshold - _TOLERANCE))
 
 
 def age_allowed(age: float | None, policy: ReferralPolicy) -> tuple[bool, str]:
@@ -148,9 +162,9 @@ def age_allowed(age: float | None, policy: ReferralPolicy) -> tuple[bool, str]:
 
 
 def assess(p_osteopenia: float, p_osteoporosis: float, age: float | None,
-           policy: ReferralPolicy) -> Assessment:
-    """Apply the risk and age rules to one result."""
-    rule = risk_rule(p_osteopenia, p_osteoporosis, policy)
+           policy: ReferralPolicy, point: operating_point.Thresholds) -> Assessment:
+    """Apply the risk rule at `point` and the age rules to one result."""
+    rule = risk_rule(p_osteopenia, p_osteoporosis, point)
     if rule is None:
         return Assessment(False, None, "below both referral thresholds")
     allowed, why = age_allowed(age, policy)
@@ -175,17 +189,27 @@ def _same_patient(study: PatientStudy):  # type: ignore[no-untyped-def]
 
 
 def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: Result,
-          *, now: dt.datetime | None = None) -> Outcome:
+          *, bundle_thresholds: operating_point.BundleThresholds | None = None,
+          now: dt.datetime | None = None) -> Outcome:
     """Create a referral for `result`, attach it to the patient's open one, or do nothing.
+
+    The thresholds are the operating point in force for the result's model (Device UID):
+    `policy`'s override, else the site operating point, else `bundle_thresholds[device_uid]`
+    (operating_point.bundle_thresholds). A model with none of them is a JobError.
 
     Idempotent per image: a result whose SOP Instance UID already created or joined a referral
     changes nothing (a retried job).
     """
     now = now or utcnow()
-    assessment = assess(result.p_osteopenia, result.p_osteoporosis, study.age, policy)
-    if not assessment.refer:
-        return Outcome("none", None, assessment.reason)
     with Session(engine) as session, session.begin():
+        point = operating_point.in_force(session, result.device_uid, bundle_thresholds or {}, policy)
+        if point is None:
+            raise JobError(f"no operating point for model {result.model_name} {result.model_version} "
+                           f"(Device UID {result.device_uid}): its bundle is not configured; set one "
+                           "with `osteo-node operating-point set --device-uid UID ...`")
+        assessment = assess(result.p_osteopenia, result.p_osteoporosis, study.age, policy, point)
+        if not assessment.refer:
+            return Outcome("none", None, assessment.reason)
         if study.patient_id:
             _lock_patient(session, study)
         seen = session.scalar(select(ReferralEvent.referral_id).where(
@@ -237,8 +261,8 @@ def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: R
             result_id=result.id, p_normal=result.p_normal, p_osteopenia=result.p_osteopenia,
             p_osteoporosis=result.p_osteoporosis, model_name=result.model_name,
             model_version=result.model_version, device_uid=result.device_uid,
-            osteoporosis_threshold=policy.osteoporosis_threshold,
-            low_bmd_threshold=policy.low_bmd_threshold, created_at=now, updated_at=now,
+            osteoporosis_threshold=point.osteoporosis_threshold,
+            low_bmd_threshold=point.low_bmd_threshold, created_at=now, updated_at=now,
         )
         session.add(referral)
         session.flush()
@@ -246,5 +270,6 @@ def refer(engine: Engine, policy: ReferralPolicy, study: PatientStudy, result: R
             referral_id=referral.id, at=now, actor=NODE_ACTOR, kind="created", to_status=NEW,
             reason=assessment.reason, sop_instance_uid=study.sop_instance_uid, result_id=result.id))
         audit.record(session, NODE_ACTOR, "referral.create", "referral", referral.id,
-                     detail=f"rule {assessment.rule}; result {result.id}")
+                     detail=f"rule {assessment.rule}; result {result.id}; operating point "
+                            f"{point.source}")
         return Outcome("created", referral.id, assessment.reason)

@@ -43,6 +43,7 @@ from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
 from .flow import INFER, STEPS
 from .queue import JobRecord, Outcome, Queue, RetryPolicy
+from .operating_point import bundle_thresholds
 from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
@@ -206,9 +207,12 @@ class Worker:
         """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
         result = results.latest_result(self.queue.engine, job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
+        defaults = bundle_thresholds(self.settings)  # read each time: the bundle may have changed
         try:
             outcome = refer(self.queue.engine, self.settings.referral,
-                            PatientStudy.from_dataset(header), result)
+                            PatientStudy.from_dataset(header), result, bundle_thresholds=defaults)
+        except JobError:
+            raise  # no operating point for this model: says what to do, no patient data
         except Exception as exc:
             # Database errors quote their parameters, here patient data: keep only the type.
             raise RuntimeError(f"referral step failed ({type(exc).__name__})") from None

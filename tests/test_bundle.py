@@ -99,9 +99,9 @@ def test_missing_and_extra_files(tmp_path):
 
 
 def test_missing_reference_says_how_to_make_it(tmp_path, monkeypatch):
-    import osteo_node.bundle
+    import osteo_node.manifest
 
-    monkeypatch.setattr(osteo_node.bundle, "BUNDLES_DIR", tmp_path)  # an install without the bundle
+    monkeypatch.setattr(osteo_node.manifest, "BUNDLES_DIR", tmp_path)  # an install without the bundle
     with pytest.raises(BundleError, match="reference bundle is missing.*osteo-train train .*--export-reference"):
         resolve_bundle_path("reference")
 

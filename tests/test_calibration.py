@@ -1,19 +1,13 @@
-"""training.calibration (ECE, temperature scaling) and training.compare's rank AUC."""
+"""osteo_node.metrics (ECE), training.calibration (temperature scaling) and osteo_node.metrics.rank_auc."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training import metrics
-from training.calibration import (
-    expected_calibration_error,
-    fit_temperature,
-    nll,
-    reliability,
-    softmax,
-)
-from training.compare import rank_auc
+from osteo_node import metrics
+from osteo_node.metrics import expected_calibration_error, rank_auc, reliability
+from training.calibration import fit_temperature, nll, softmax
 
 
 def test_ece_is_zero_when_confidence_equals_accuracy():

@@ -1,4 +1,4 @@
-"""training.metrics: AUCs, operating points, patient-level stratified bootstrap, DeLong's test."""
+"""osteo_node.metrics: AUCs, operating points, patient-level stratified bootstrap, DeLong's test."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from training import metrics
+from osteo_node import metrics
 
 
 def random_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -14,18 +14,38 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from osteo_node import migrate
-from osteo_node.db import AuditEvent, Instance, Referral, ReferralEvent, Result, make_engine, utcnow
-from osteo_node.refer import (DISMISSED, NEW, RULE_LOW_BMD, RULE_OSTEOPOROSIS, PatientStudy,
-                              ReferralPolicy, assess, refer, risk_rule)
+from osteo_node.db import (
+    AuditEvent,
+    Instance,
+    Referral,
+    ReferralEvent,
+    Result,
+    make_engine,
+    utcnow,
+)
+from osteo_node.operating_point import Thresholds
+from osteo_node.refer import (
+    DISMISSED,
+    NEW,
+    RULE_LOW_BMD,
+    RULE_OSTEOPOROSIS,
+    PatientStudy,
+    ReferralPolicy,
+    assess,
+    refer,
+    risk_rule,
+)
 
-POLICY = ReferralPolicy()
+#: Thresholds as explicit `[referral]` overrides, so that every model here runs at 0.5 / 0.8.
+POLICY = ReferralPolicy(osteoporosis_threshold=0.5, low_bmd_threshold=0.8)
+POINT = Thresholds(low_bmd_threshold=0.8, osteoporosis_threshold=0.5)
 _uids = count(1)
 
 
 # --- pure rules ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("p_op", "fires"), [(0.499, False), (0.5, True), (0.501, True)])
 def test_osteoporosis_threshold(p_op: float, fires: bool) -> None:
-    rule = risk_rule(0.0, p_op, POLICY)  # P(low BMD) = p_op < 0.8: only the osteoporosis rule can fire
+    rule = risk_rule(0.0, p_op, POINT)  # P(low BMD) = p_op < 0.8: only the osteoporosis rule can fire
     assert (rule == RULE_OSTEOPOROSIS) is fires
 
 
@@ -36,11 +56,11 @@ def test_osteoporosis_threshold(p_op: float, fires: bool) -> None:
     (0.36, 0.45, True),  # 0.81
 ])
 def test_low_bmd_threshold(p_open: float, p_op: float, fires: bool) -> None:
-    assert (risk_rule(p_open, p_op, POLICY) == RULE_LOW_BMD) is fires
+    assert (risk_rule(p_open, p_op, POINT) == RULE_LOW_BMD) is fires
 
 
 def test_osteoporosis_rule_wins_when_both_fire() -> None:
-    assert risk_rule(0.4, 0.55, POLICY) == RULE_OSTEOPOROSIS
+    assert risk_rule(0.4, 0.55, POINT) == RULE_OSTEOPOROSIS
 
 
 @pytest.mark.parametrize(("age", "policy", "refer_"), [
@@ -49,7 +69,7 @@ def test_osteoporosis_rule_wins_when_both_fire() -> None:
     (None, POLICY, False), (None, ReferralPolicy(allow_unknown_age=True), True),
 ])
 def test_age_rule(age: float | None, policy: ReferralPolicy, refer_: bool) -> None:
-    decision = assess(0.1, 0.8, age, policy)
+    decision = assess(0.1, 0.8, age, policy, POINT)
     assert decision.refer is refer_
     assert decision.rule == RULE_OSTEOPOROSIS
 
@@ -212,3 +232,47 @@ def test_repeat_window_after_a_dxa_result_on_record(engine: Engine, days_before_
     if action == "none":
         assert "DXA result is on record within 730 days before the image" in outcome.reason
         assert "P1" not in outcome.reason and referrals(engine) == []
+
+
+# --- the operating point in force (osteo_node.operating_point) -----------------------------------
+def test_referral_uses_the_operating_point_in_force_for_the_results_model(engine: Engine) -> None:
+    """Bundle thresholds by default; a site operating point replaces them for that model only;
+    a `[referral]` override wins over both; a model with none of them is a JobError."""
+    from osteo_node.db import SiteOperatingPoint
+    from osteo_node.errors import JobError
+
+    bundles = {"2.25.77": Thresholds(low_bmd_threshold=0.6, osteoporosis_threshold=0.9)}
+    unset = ReferralPolicy()  # no [referral] thresholds
+    first = make_result(engine, p_open=0.3, p_op=0.35)  # P(low BMD) 0.65: >= 0.6, < 0.8
+    assert refer(engine, unset, study_of(first, patient="A"), first,
+                 bundle_thresholds=bundles).action == "created"
+    (row,) = referrals(engine)
+    assert (row.low_bmd_threshold, row.osteoporosis_threshold, row.rule) == (0.6, 0.9, RULE_LOW_BMD)
+    with Session(engine) as session, session.begin():
+        session.add(SiteOperatingPoint(device_uid="2.25.77", model_name="tiny", model_version="0.0.1",
+                                       version=1, low_bmd_threshold=0.7, osteoporosis_threshold=0.9,
+                                       basis="manual", pairs=0, expected="{}", actor="test"))
+    second = make_result(engine, p_open=0.3, p_op=0.35)  # 0.65 < the site's 0.7
+    assert refer(engine, unset, study_of(second, patient="B"), second,
+                 bundle_thresholds=bundles).action == "none"
+    third = make_result(engine, p_open=0.36, p_op=0.35)  # 0.71 >= 0.7
+    assert refer(engine, unset, study_of(third, patient="C"), third,
+                 bundle_thresholds=bundles).action == "created"
+    assert referrals(engine)[-1].low_bmd_threshold == 0.7
+    override = ReferralPolicy(low_bmd_threshold=0.64)  # config wins over the site point
+    assert refer(engine, override, study_of(second, patient="B"), second,
+                 bundle_thresholds=bundles).action == "created"
+    assert (referrals(engine)[-1].low_bmd_threshold, referrals(engine)[-1].osteoporosis_threshold) == (0.64, 0.9)
+    audit_detail = [a.detail for a in _audits(engine) if a.action == "referral.create"]
+    assert "operating point bundle" in audit_detail[0] and "site v1" in audit_detail[1]
+    stranger = make_result(engine)
+    with Session(engine) as session, session.begin():
+        session.get(Result, stranger.id).device_uid = "2.25.999"  # type: ignore[union-attr]
+    stranger.device_uid = "2.25.999"
+    with pytest.raises(JobError, match="no operating point for model"):
+        refer(engine, unset, study_of(stranger, patient="D"), stranger, bundle_thresholds=bundles)
+
+
+def _audits(engine: Engine) -> list[AuditEvent]:
+    with Session(engine) as session:
+        return list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))

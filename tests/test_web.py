@@ -22,12 +22,12 @@ from osteo_node import migrate
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import AuditEvent, Referral, User, WebSession, make_engine, utcnow
 from osteo_node.errors import ConfigError
-from osteo_node.refer import ReferralPolicy, refer
+from osteo_node.refer import refer
 from osteo_node.web import create_app
 from osteo_node.web.app import PUBLIC_PATHS, all_routes
 from osteo_node.web.auth import add_user
 from osteo_node.worklist import CSV_COLUMNS, FHIR_STATUS
-from test_refer import make_result, study_of
+from test_refer import POLICY, make_result, study_of
 
 PASSWORD = "correct horse battery"
 
@@ -80,7 +80,7 @@ def add_referrals(engine: Engine, n: int = 3) -> list[int]:
     ids = []
     for i in range(n):
         result = make_result(engine, p_open=0.2, p_op=0.6 + i * 0.1)
-        outcome = refer(engine, ReferralPolicy(), study_of(result, patient=f"PAT{i}", age=60 + 10 * i), result)
+        outcome = refer(engine, POLICY, study_of(result, patient=f"PAT{i}", age=60 + 10 * i), result)
         assert outcome.referral_id is not None
         ids.append(outcome.referral_id)
     return ids

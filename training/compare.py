@@ -3,11 +3,11 @@ calibration before/after temperature scaling, and age-band subgroups.
 
 Inputs are ModelPredictions (one per trained model, same cases in the same order); the output is
 one JSON-friendly dict that training/report.py renders. Confidence intervals come from
-training.metrics.bootstrap_many (class-stratified, patient-level, percentile); the DeLong tests
-from training.metrics.delong_test.
+osteo_node.metrics.bootstrap_many (class-stratified, patient-level, percentile); the DeLong tests
+from osteo_node.metrics.delong_test.
 
-The AUCs inside the bootstrap use `rank_auc`, a Mann-Whitney AUC with mid-ranks that equals
-training.metrics.auc (sklearn) but costs ~30 us instead of ~1.5 ms per call: 12 models x 1000
+The AUCs inside the bootstrap use osteo_node.metrics.rank_auc, a Mann-Whitney AUC with mid-ranks that equals
+osteo_node.metrics.auc (sklearn) but costs ~30 us instead of ~1.5 ms per call: 12 models x 1000
 resamples x ~15 metrics would otherwise take minutes (training.evaluate.summarise: ~17 s per
 model for 1000 resamples on the 2-core machine).
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
 
+from osteo_node import metrics
+from osteo_node.metrics import DEFAULT_BINS, rank_auc, reliability
 from osteo_node.records import CLASS_NAMES
-from training import metrics
-from training.calibration import DEFAULT_BINS, reliability, softmax
+from training.calibration import softmax
 
 #: Age bands of the subgroup analysis: (label, lowest age, highest age) in years, inclusive.
 AGE_BANDS: tuple[tuple[str, float, float], ...] = (
@@ -54,17 +54,6 @@ class ModelPredictions:
         if self.temperature == 1.0:
             return self.probs_raw
         return softmax(np.log(np.clip(self.probs_raw, 1e-300, None)), self.temperature)
-
-
-def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC (Mann-Whitney with mid-ranks for ties); NaN when only one class is present."""
-    y = np.asarray(y_true).astype(bool)
-    m = int(y.sum())
-    n = y.size - m
-    if m == 0 or n == 0:
-        return float("nan")
-    ranks = rankdata(np.asarray(score, dtype=np.float64))
-    return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
 
 
 def _macro(y: np.ndarray, p: np.ndarray) -> float:

@@ -23,9 +23,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -33,11 +34,11 @@ import pydicom
 import torch
 from PIL import Image
 
+from osteo_node import metrics
 from osteo_node.bundle import LoadedBundle, load_bundle
 from osteo_node.errors import BundleError, ImageError
 from osteo_node.pixels import decode, prepare
 from osteo_node.records import CLASS_NAMES
-from training import metrics
 from training.data import read_manifest
 from training.perturb import inpaint_bone
 

@@ -23,7 +23,7 @@ The saliency map is the one the node draws with each bundle (its bundle.json "ca
 and target block, picked by `osteo-train cam-select` on ROAD faithfulness without masks; Grad-CAM
 at the last block when the bundle records none); `--method` overrides the method.
 
-95 % CIs: percentile bootstrap over patients, stratified by class (training.metrics.bootstrap_many).
+95 % CIs: percentile bootstrap over patients, stratified by class (osteo_node.metrics.bootstrap_many).
 
     osteo-train explain --bundle reference --manifest DATA/manifest.csv --split test --json
     osteo-train explain --bundle reference --manifest A.csv --control CTRL --control-manifest B.csv --out DIR
@@ -51,6 +51,7 @@ from PIL import Image
 from osteo_node.bundle import LoadedBundle, load_bundle
 from osteo_node.errors import BundleError, ImageError
 from osteo_node.infer import CAM_METHODS, Inference
+from osteo_node.metrics import bootstrap_many, low_bmd_auc, macro_auc
 from osteo_node.pixels import prepare
 from osteo_node.records import CLASS_NAMES, Heatmap, Prediction, PreparedImage
 from training.data import load_image01, read_manifest
@@ -65,7 +66,6 @@ from training.explain_metrics import (
     salient_region,
     union_mask,
 )
-from training.metrics import bootstrap_many, low_bmd_auc, macro_auc
 from training.perturb import inpaint_bone
 
 logger = logging.getLogger(__name__)

@@ -39,9 +39,10 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from osteo_node.bundle import BUNDLES_DIR, export_bundle
+from osteo_node.metrics import expected_calibration_error
 from osteo_node.model import (
     DEFAULT_NORMALISATION,
     FAMILIES,
@@ -63,7 +65,7 @@ from osteo_node.model import (
     trainable_parameter_count,
 )
 from osteo_node.records import CLASS_NAMES
-from training.calibration import expected_calibration_error, fit_temperature, nll, softmax
+from training.calibration import fit_temperature, nll, softmax
 from training.data import CachedImages, augment, normalise, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -416,7 +418,7 @@ def train(model: Classifier, spec: ModelSpec, train_set: CachedImages, val_set: 
 def calibrate_and_threshold(model: Classifier, spec: ModelSpec, val_set: CachedImages,
                             args: argparse.Namespace) -> dict[str, Any]:
     """Temperature (--calibrate) and thresholds (--target-sensitivity) from the validation split."""
-    from training.metrics import threshold_for_sensitivity
+    from osteo_node.metrics import threshold_for_sensitivity
 
     device = torch.device(args.device)
     logits = predict_logits(model, val_set, spec, args.batch_size * 2, device,

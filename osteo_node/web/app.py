@@ -28,7 +28,7 @@ from starlette.routing import BaseRoute
 from ..config import Settings
 from ..db import make_engine
 from ..store import FileStore
-from . import admin, login, referrals
+from . import admin, login, performance, referrals
 from .auth import LoginThrottle, Sessions
 from .deps import HERE, NotSignedIn, WebContext
 from .login import login_page, resume_token
@@ -151,6 +151,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         return FileResponse(HERE / "static" / "style.css", media_type="text/css",
                             headers={"Cache-Control": "max-age=3600"})
 
-    for router in (login.router, referrals.router, admin.router):
+    for router in (login.router, referrals.router, admin.router, performance.router):
         app.include_router(router)
     return app

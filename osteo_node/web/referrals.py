@@ -31,6 +31,7 @@ from .. import audit, worklist
 from ..db import Referral, Result, User, utcnow
 from ..records import CLASS_NAMES
 from ..refer import STATUSES
+from . import performance
 from .auth import SignedIn
 from .deps import (FILTER_KEYS, ReferralId, checked_form, context, coordinator, filters_from,
                    message, page, parse_date, parse_page)
@@ -83,6 +84,7 @@ def referral_list(request: Request, user: SignedIn = Depends(coordinator)) -> HT
     params = dict(request.query_params)
     filters = filters_from(params)
     page_no = parse_page(params.get("page"))
+    model_warning = performance.worklist_warning(request)  # its own transaction: before ours
     with Session(ctx.engine) as session, session.begin():
         rows, total = worklist.find(session, filters, offset=(page_no - 1) * page_size,
                                     limit=page_size)
@@ -97,7 +99,7 @@ def referral_list(request: Request, user: SignedIn = Depends(coordinator)) -> HT
         return page(request, "worklist.html", user, rows=rows, total=total, counts=counts,
                     params=kept, filters=filters, page_no=page_no, pages=pages, statuses=STATUSES,
                     risks=CLASS_NAMES, sorts=worklist.SORTS, query=urllib.parse.urlencode(kept),
-                    last_dxa=last_dxa, waiting={r.id: worklist.days_waiting(r, now) for r in rows},
+                    last_dxa=last_dxa, model_warning=model_warning, waiting={r.id: worklist.days_waiting(r, now) for r in rows},
                     link=lambda **extra: "?" + urllib.parse.urlencode(
                         {**kept, **{k: v for k, v in extra.items() if v is not None}}))
 

@@ -1,6 +1,9 @@
-"""Classification metrics, patient-level bootstrap confidence intervals and DeLong's test.
+"""Classification metrics, calibration (ECE), patient-level bootstrap confidence intervals and
+DeLong's test.
 
-Pure functions on numpy arrays, shared by `osteo-train evaluate` and model comparisons.
+Pure functions on numpy arrays, shared by the node's site validation (`osteo-node validate`) and
+by `osteo-train evaluate` and model comparisons: they live in the node's package so that a node
+installed without `training/` has them.
 
 Conventions: `labels` are class indices into CLASS_NAMES (0 normal, 1 osteopenia, 2 osteoporosis),
 `probs` is (N, 3) with rows summing to 1. "Low BMD" is osteopenia or osteoporosis (label >= 1)
@@ -8,6 +11,9 @@ scored by P(osteopenia) + P(osteoporosis), as the node reports it.
 
 The bootstrap resamples patients, not images (a patient's images stay together), within strata
 (by default the patient's class), so that every resample keeps the class mix of the data.
+The ECE is the usual top-label ECE: images binned by their highest probability into `n_bins`
+equal-width bins, and the bin-size-weighted mean of |accuracy - mean confidence|.
+
 DeLong's test follows Sun & Xu, "Fast implementation of DeLong's algorithm for comparing the areas
 under correlated receiver operating characteristic curves", IEEE SPL 21(11), 2014; it treats
 images as independent (no clustering by patient).
@@ -16,12 +22,14 @@ images as independent (no clustering by patient).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score
+
+DEFAULT_BINS = 15
 
 #: fn(labels, scores) -> a scalar metric; the arrays are a (resampled) subset of the data.
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
@@ -75,6 +83,21 @@ def auc(y_true: np.ndarray, score: np.ndarray) -> float:
     if y.all() or not y.any():
         return float("nan")
     return float(roc_auc_score(y, np.asarray(score, dtype=np.float64)))
+
+
+def rank_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC (Mann-Whitney with mid-ranks for ties); NaN when only one class is present.
+
+    Equals `auc` (sklearn) but costs ~30 us instead of ~1.5 ms per call: the one to use inside a
+    bootstrap (thousands of resamples).
+    """
+    y = np.asarray(y_true).astype(bool)
+    m = int(y.sum())
+    n = y.size - m
+    if m == 0 or n == 0:
+        return float("nan")
+    ranks = rankdata(np.asarray(score, dtype=np.float64))
+    return float((ranks[y].sum() - m * (m + 1) / 2.0) / (m * n))
 
 
 def per_class_auc(labels: np.ndarray, probs: np.ndarray) -> list[float]:
@@ -140,6 +163,47 @@ def threshold_for_sensitivity(y_true: np.ndarray, score: np.ndarray, sensitivity
     return float(positives[max(1, needed) - 1])
 
 
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin counts, accuracy and mean confidence (NaN for empty bins) of a top-label ECE."""
+
+    edges: np.ndarray  # (n_bins + 1,)
+    counts: np.ndarray  # (n_bins,)
+    accuracy: np.ndarray
+    confidence: np.ndarray
+    ece: float
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BINS) -> ReliabilityBins:
+    """Top-label reliability bins and ECE of `probs` (N, C) against class-index `labels`."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins!r}")
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels)
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # bins are (lo, hi]; a confidence of exactly 0 falls in the first bin
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    counts = np.bincount(index, minlength=n_bins).astype(np.int64)
+    acc = np.full(n_bins, np.nan)
+    conf = np.full(n_bins, np.nan)
+    for b in np.nonzero(counts)[0]:
+        acc[b] = correct[index == b].mean()
+        conf[b] = confidence[index == b].mean()
+    filled = counts > 0
+    ece = float(np.sum(counts[filled] * np.abs(acc[filled] - conf[filled])) / max(1, len(y))) if len(y) else float("nan")
+    return ReliabilityBins(edges=edges, counts=counts, accuracy=acc, confidence=conf, ece=ece)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BINS) -> float:
+    """Top-label ECE with `n_bins` equal-width bins (0 for a perfectly calibrated model)."""
+    return reliability(probs, labels, n_bins).ece
+
+
 # --------------------------------------------------------------------------- bootstrap
 
 
@@ -188,6 +252,38 @@ def bootstrap_indices(
             parts.append(drawn[drawn >= 0])
         out.append(np.concatenate(parts))
     return out
+
+
+def bootstrap_weights(resamples: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Resamples of indices into `n` cases as weights (len(resamples), n): how often each case was
+    drawn. Weighted metrics then evaluate every resample at once (`weighted_auc`)."""
+    return np.stack([np.bincount(ix, minlength=n) for ix in resamples]).astype(np.float64)
+
+
+def weighted_auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC of `score` under each row of case `weights` (k, N): k AUCs in one pass.
+
+    Equals sklearn's roc_auc_score(y_true, score, sample_weight=row) for each row (ties count
+    one half), NaN for a row without weight on both classes. With bootstrap multiplicities as
+    weights it is the AUC of each resample: site validation bootstraps 10,000 pairs x 1000
+    resamples x dozens of subgroups, where one sklearn or rank_auc call per resample (~0.4-3 ms
+    here) would take minutes; this takes seconds.
+    """
+    y = np.asarray(y_true).astype(bool)
+    s = np.asarray(score, dtype=np.float64)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    order = np.argsort(s, kind="mergesort")
+    s, y, w = s[order], y[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=np.int64)
+    if not starts.size:
+        return np.full(w.shape[0], np.nan)
+    positive = np.add.reduceat(w * y, starts, axis=1)  # weight of positives per distinct score
+    negative = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(negative, axis=1) - negative  # negatives scoring strictly lower
+    pairs = positive.sum(axis=1) * negative.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (positive * (below + 0.5 * negative)).sum(axis=1) / pairs
+    return np.where(pairs > 0, auc, np.nan)
 
 
 def percentile_interval(value: float, samples: Sequence[float], alpha: float = 0.05) -> Interval:
