@@ -215,6 +215,30 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset(settings: Settings, args: argparse.Namespace) -> int:
+    """Export the DXA-paired images, de-identified, with a training manifest (osteo_node.dataset)."""
+    from . import audit
+    from .dataset import export
+    from .deidentify import Pseudonymizer, load_key
+    from .node import open_runtime
+
+    runtime = open_runtime(settings, create_schema=False)
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"osteo-node dataset export: --out {args.out} is not empty; choose a new folder",
+              file=sys.stderr)
+        return 2
+    pseudonymizer = Pseudonymizer(load_key(settings.node.data_dir), dates=args.dates)
+    summary = export(runtime.engine, runtime.store, args.out, pseudonymizer,
+                     settings.validation.match_window_days)
+    audit.record(runtime.engine, "cli", "dataset.export", "dataset", str(args.out)[-64:],
+                 detail=f"{summary.exported} images of {summary.patients} patients; dates {args.dates}; "
+                        f"skipped {summary.skipped or 'none'}")
+    print(f"exported {summary.exported} images of {summary.patients} patients to {summary.manifest}")
+    for reason, count in sorted(summary.skipped.items()):
+        print(f"skipped {count}: {reason}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
     from .bench import OPTIONAL_SECTIONS, SECTIONS, format_table, run_bench
@@ -265,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
     user.add_argument("--password-stdin", action="store_true",
                       help="read the password from the first line of stdin (scripts)")
+    dataset = command("dataset", cmd_dataset, "export the DXA-paired images, de-identified, for retraining")
+    dataset.add_argument("action", choices=["export"])
+    dataset.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    dataset.add_argument("--dates", choices=["shift", "keep"], default="shift",
+                         help="shift dates back by a per-patient offset (default) or keep them")
     bench = sub.add_parser("bench", help="measure receive rate, pipeline, throughput and memory here")
     bench.add_argument("--config", type=Path, help="TOML configuration (default: built-in defaults)")
     bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")

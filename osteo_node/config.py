@@ -220,6 +220,14 @@ class ReferralSettings(_Section):
         return ReferralPolicy(**self.model_dump(exclude={"enabled"}))
 
 
+class ValidationSettings(_Section):
+    """How screened images meet DXA results (osteo_node.dataset.pair_dxa, site validation)."""
+
+    #: A DXA result pairs with a screened image of the same patient at most this many days apart
+    #: (the nearest one wins).
+    match_window_days: int = Field(default=365, ge=0, le=3650)
+
+
 #: Secret keys that appear in documentation and must never be used.
 PLACEHOLDER_SECRETS = frozenset({"change-me", "changeme", "secret", "please-change-me"})
 MIN_SECRET_LENGTH = 32
@@ -286,6 +294,7 @@ class Settings(_Section):
     eligibility: EligibilitySettings = EligibilitySettings()
     referral: ReferralSettings = ReferralSettings()
     web: WebSettings = WebSettings()
+    validation: ValidationSettings = ValidationSettings()
     destinations: tuple[Destination, ...] = ()
 
     @field_validator("destinations")
