@@ -215,6 +215,38 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(settings: Settings, args: argparse.Namespace) -> int:
+    """List the configured models with their roles; promote a shadow or roll back (audited)."""
+    import getpass
+
+    from . import roles
+    from .node import open_runtime
+
+    runtime = open_runtime(settings, create_schema=False)
+    actor = f"cli:{getpass.getuser()}"
+    if args.action == "promote":
+        if not args.name:
+            print("osteo-node model promote: the name of a shadow model is required", file=sys.stderr)
+            return 2
+        current = roles.promote(settings, runtime.engine, args.name, actor=actor, reason=args.reason)
+    elif args.action == "rollback":
+        current = roles.rollback(settings, runtime.engine, actor=actor, reason=args.reason)
+    else:
+        current = roles.model_roles(settings, runtime.engine)
+    print(f"{'role':7} {'name':20} {'version':10} {'device uid':64} entry")
+    for model in current.models:
+        print(f"{model.role:7} {model.name:20} {model.version:10} {model.device_uid:64} {model.entry}")
+    if args.action == "list":
+        for row in roles.history(runtime.engine):
+            print(f"assignment {row.id} {row.at:%Y-%m-%d %H:%M:%S} {row.action:8} by {row.actor}: "
+                  f"{row.live_name} {row.live_version} live (was {row.previous_device_uid})"
+                  + (f"; {row.reason}" if row.reason else ""))
+    else:
+        print("restart the workers (osteo-node serve / work) so that they load the live model; until "
+              "then a worker whose model is no longer live stops screening")
+    return 0
+
+
 def cmd_dataset(settings: Settings, args: argparse.Namespace) -> int:
     """Export the DXA-paired images, de-identified, with a training manifest (osteo_node.dataset)."""
     from . import audit
@@ -289,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--role", choices=["coordinator", "admin"], default="coordinator")
     user.add_argument("--password-stdin", action="store_true",
                       help="read the password from the first line of stdin (scripts)")
+    model = command("model", cmd_model, "list models and roles; promote a shadow model; roll back")
+    model.add_argument("action", choices=["list", "promote", "rollback"])
+    model.add_argument("name", nargs="?", help="promote: the shadow (configured entry, folder or "
+                       "bundle name, or Device UID)")
+    model.add_argument("--reason", default="", help="why (kept in the history and the audit trail)")
     dataset = command("dataset", cmd_dataset, "export the DXA-paired images, de-identified, for retraining")
     dataset.add_argument("action", choices=["export"])
     dataset.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")

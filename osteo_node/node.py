@@ -65,15 +65,15 @@ def resolve_device(settings: Settings) -> str:
     return device
 
 
-def load_inference(settings: Settings) -> Inference:
-    """Load the configured bundle once and warm it up (pipeline.warm_up); raises BundleError when
-    it is missing or altered."""
+def load_inference(settings: Settings, bundle_entry: str | None = None) -> Inference:
+    """Load a bundle (default: the configured `model.bundle`) once and warm it up
+    (pipeline.warm_up); raises BundleError when it is missing or altered."""
     from .bundle import load_bundle
     from .infer import Inference
     from .pipeline import warm_up
 
     device = resolve_device(settings)
-    bundle = load_bundle(settings.model.bundle, device=device, merged=True)
+    bundle = load_bundle(bundle_entry or settings.model.bundle, device=device, merged=True)
     log.info("model %s %s (Device UID %s) on %s, precision %s, batch size %d", bundle.identity.name,
              bundle.identity.version, bundle.identity.device_uid, device, settings.model.precision,
              settings.worker.batch_size)
@@ -117,7 +117,17 @@ def _listening(server: ThreadedAssociationServer) -> None:
 def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool) -> None:
     """Run the receiver and/or the worker (+ scheduler) until `stop` is set."""
     runtime = open_runtime(settings)
-    inference = load_inference(settings) if work else None
+    inference = roles = None
+    shadows: dict[str, Inference] = {}
+    if work:
+        from .roles import model_roles
+
+        roles = model_roles(settings, runtime.engine)
+        log.info("live model: %s %s (Device UID %s); shadows: %s", roles.live.name, roles.live.version,
+                 roles.live.device_uid, ", ".join(f"{m.name} {m.version} ({m.device_uid})"
+                                                  for m in roles.shadows) or "none")
+        inference = load_inference(settings, roles.live.entry)
+        shadows = {m.device_uid: load_inference(settings, m.entry) for m in roles.shadows}
     server = scheduler = metrics = None
     checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
     if inference is not None:
@@ -143,7 +153,7 @@ def run(settings: Settings, stop: threading.Event, *, receive: bool, work: bool)
         if work:
             from .work import Worker
 
-            Worker(settings, runtime.queue, runtime.store, inference).run(stop)
+            Worker(settings, runtime.queue, runtime.store, inference, shadows=shadows, roles=roles).run(stop)
         else:
             stop.wait()
     finally:

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 INFER, SEND, REFER = "infer", "send", "refer"
+#: A shadow model's run on an instance (destination: the shadow's Device UID). Claimed only when
+#: no live job is due (osteo_node.work); its result is stored and has no follow-ups.
+SHADOW = "shadow"
 
 
 @dataclass(frozen=True)
@@ -167,10 +170,12 @@ class Queue:
         return True
 
     def complete_infer(
-        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False
+        self, job: JobRecord, result: Result, destinations: Iterable[str], *, refer: bool = False,
+        shadows: Iterable[str] = (),
     ) -> bool:
-        """Record the result, mark the infer job done, queue one send job per destination and,
-        when `refer`, a refer job (the referral decision), all in one transaction."""
+        """Record the result, mark the infer (or shadow) job done, queue one send job per
+        destination, when `refer` a refer job (the referral decision), and one shadow job per
+        shadow model's Device UID in `shadows`, all in one transaction."""
         with Session(self.engine) as session, session.begin():
             if not self._finish(session, job, state=DONE, finished_at=utcnow(), last_error=None):
                 session.rollback()
@@ -182,7 +187,8 @@ class Queue:
             )
             if existing is None:
                 session.add(result)
-            follow_ups = [(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
+            follow_ups = ([(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
+                          + [(SHADOW, device_uid) for device_uid in shadows])
             for kind, name in follow_ups:
                 known = session.scalar(
                     select(Job.id).where(

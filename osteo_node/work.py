@@ -5,6 +5,13 @@ store and records the result, which queues one `send` job per destination. A `se
 C-STOREs the results to its destination. Failures go back to the queue, which retries with
 backoff or dead-letters; the worker never loops on a failure itself.
 
+Shadow models (osteo_node.roles): after the live result, one `shadow` job per shadow model is
+queued. A worker claims a shadow job only when no live job (infer, send, refer) is due, so a live
+job never waits behind a shadow one (at most behind the one shadow image in progress). A shadow
+result is stored like a live one and has no follow-ups: it is never sent nor referred. Send and
+refer always take the live model's result. A worker whose live model is no longer live (a
+promote or rollback since it started) stops screening and says so in the log until restarted.
+
 With `worker.prefetch` > 0 or `worker.batch_size` > 1 an inference worker overlaps images
 (`Pipelined`): while the model runs on one image (or one batch) in the worker's own thread, the
 next infer jobs are claimed and loaded (read, decode, preprocess) in loader threads, and the images
@@ -22,7 +29,7 @@ import socket
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -41,8 +48,9 @@ from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
-from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
+from .queue import INFER, REFER, SEND, SHADOW, JobRecord, Queue, RetryPolicy
 from .refer import PatientStudy, refer
+from .roles import ModelRoles, assignment_version, model_roles
 from .send import send_files
 from .store import FileStore
 
@@ -56,15 +64,25 @@ def worker_name() -> str:
 
 
 class Worker:
-    """Runs jobs until stopped. `inference` is None for a send-only worker."""
+    """Runs jobs until stopped. `inference` is None for a send-only worker.
+
+    `shadows`: the shadow models this worker screens with, by Device UID. `roles`: the model roles
+    the worker was started with (osteo_node.roles); the worker follows changes of them. Without
+    `roles` (tests, bench) the worker's own model is the live one and nothing is followed.
+    """
 
     def __init__(
-        self, settings: Settings, queue: Queue, store: FileStore, inference: Inference | None
+        self, settings: Settings, queue: Queue, store: FileStore, inference: Inference | None,
+        *, shadows: Mapping[str, Inference] | None = None, roles: ModelRoles | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.store = store
         self.inference = inference
+        self.shadows = dict(shadows or {}) if inference is not None else {}
+        self.roles = roles
+        #: True once the live model is no longer this worker's model: it stops screening.
+        self.stale = False
         self.name = worker_name()
         self.kinds = (INFER, SEND, REFER) if inference is not None else (SEND, REFER)
         w = settings.worker
@@ -112,9 +130,18 @@ class Worker:
         self.attempt(job, partial(self.run_job, job))
         return True
 
-    def claim(self) -> JobRecord | None:
-        """Lease the next due job; jobs whose attempts are spent are dead-lettered on the way."""
-        while (job := self.queue.claim(self.name, self.settings.worker.lease_s, self.kinds)) is not None:
+    def claim(self, *, shadow: bool = True) -> JobRecord | None:
+        """Lease the next due live job, else (when none is due, and `shadow`) the next shadow job."""
+        self._follow_roles()
+        kinds = (SEND, REFER) if self.stale else self.kinds
+        job = self._claim(kinds)
+        if job is None and shadow and self.shadows and not self.stale:
+            job = self._claim((SHADOW,))
+        return job
+
+    def _claim(self, kinds: Sequence[str]) -> JobRecord | None:
+        """Lease the next due job of `kinds`; jobs whose attempts are spent are dead-lettered."""
+        while (job := self.queue.claim(self.name, self.settings.worker.lease_s, kinds)) is not None:
             if job.attempts <= self.policy.max_attempts:
                 return job
             self.queue.fail(job, f"gave up after {job.attempts - 1} attempts; last error: "
@@ -143,10 +170,37 @@ class Worker:
             log.exception("job %d failed (now %s)", job.id, state)
         return None
 
+    def _follow_roles(self) -> None:
+        """Take up a promote or rollback: a worker whose model is no longer live goes stale."""
+        if self.roles is None or assignment_version(self.queue.engine) == self.roles.assignment_id:
+            return
+        self.roles = model_roles(self.settings, self.queue.engine)
+        live = self.roles.live
+        if self.inference is not None and live.device_uid != self.inference.identity.device_uid:
+            if not self.stale:
+                mine = self.inference.identity
+                log.error("model roles changed: %s %s (Device UID %s) is live now, this worker runs "
+                          "%s %s (Device UID %s); it stops screening and only sends and refers. "
+                          "Restart it to load the live model", live.name, live.version, live.device_uid,
+                          mine.name, mine.version, mine.device_uid)
+            self.stale = True
+
+    def live_device_uid(self) -> str:
+        """The Device UID of the live model now (whose results are sent and referred)."""
+        self._follow_roles()
+        if self.roles is not None:
+            return self.roles.live.device_uid
+        if self.inference is not None:
+            return self.inference.identity.device_uid
+        self.roles = model_roles(self.settings, self.queue.engine)
+        return self.roles.live.device_uid
+
     def run_job(self, job: JobRecord) -> None:
         """Run a claimed job start to end; errors propagate (see `attempt`)."""
         if job.kind == INFER:
             self._infer(job)
+        elif job.kind == SHADOW:
+            self._shadow(job)
         elif job.kind == SEND:
             self._send(job)
         else:
@@ -175,7 +229,45 @@ class Worker:
         self.record(job, source_uid, pipeline.report(examined))
 
     def record(self, job: JobRecord, source_uid: str, result: Screening) -> None:
-        """Write the SR and SC durably, then record the result and complete the job."""
+        """Write the SR and SC durably, then record the live result and complete the job with its
+        follow-ups (send, refer, shadows). When the worker's model stopped being live meanwhile,
+        the job goes back to the queue for a worker that runs the live model."""
+        self._follow_roles()
+        if self.stale:
+            self.queue.release(job)
+            log.error("job %d: screened by a model that is no longer live; handed back to the queue, "
+                      "not recorded (restart this worker)", job.id)
+            return
+        row = self._write_result(job, source_uid, result)
+        if self.queue.complete_infer(job, row, self.destinations, refer=self.settings.referral.enabled,
+                                     shadows=list(self.shadows)):
+            for stage, seconds in result.seconds.items():
+                STAGE_SECONDS.labels(stage).observe(seconds)
+            PROCESSED.labels(result.prediction.category).inc()
+            timing = " ".join(f"{k}={v:.3f}s" for k, v in result.seconds.items())
+            log.info("job %d: instance %s -> %s (%s)", job.id, source_uid,
+                     result.prediction.category, timing,
+                     extra={"job_id": job.id, "sop_instance_uid": source_uid})
+
+    def _shadow(self, job: JobRecord) -> None:
+        """Screen an instance with a shadow model and store the result: no send, no referral."""
+        inference = self.shadows.get(job.destination)
+        if inference is None and self.inference is not None and job.destination == self.inference.identity.device_uid:
+            inference = self.inference  # a shadow promoted since the job was queued
+        if inference is None:
+            raise JobError(f"shadow model {job.destination} is not loaded by this worker; restart the "
+                           "workers after changing model.shadow")
+        source_uid, source = self._stored(job.instance_id)
+        result = pipeline.screen(source, inference, self.settings.model.display_max)
+        row = self._write_result(job, source_uid, result)
+        if self.queue.complete_infer(job, row, ()):
+            model = result.prediction.model
+            log.info("job %d: shadow %s %s on instance %s -> %s (stored, not sent)", job.id, model.name,
+                     model.version, source_uid, result.prediction.category,
+                     extra={"job_id": job.id, "sop_instance_uid": source_uid})
+
+    def _write_result(self, job: JobRecord, source_uid: str, result: Screening) -> Result:
+        """Write the SR and SC durably; the result row that records them."""
         model = result.prediction.model
         sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
         sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
@@ -196,15 +288,7 @@ class Worker:
             sr_sop_instance_uid=str(result.sr.SOPInstanceUID),
             sc_sop_instance_uid=str(result.sc.SOPInstanceUID),
         )
-        if self.queue.complete_infer(job, row, self.destinations,
-                                     refer=self.settings.referral.enabled):
-            for stage, seconds in result.seconds.items():
-                STAGE_SECONDS.labels(stage).observe(seconds)
-            PROCESSED.labels(result.prediction.category).inc()
-            timing = " ".join(f"{k}={v:.3f}s" for k, v in result.seconds.items())
-            log.info("job %d: instance %s -> %s (%s)", job.id, source_uid,
-                     result.prediction.category, timing,
-                     extra={"job_id": job.id, "sop_instance_uid": source_uid})
+        return row
 
     def _stored(self, instance_id: int) -> tuple[str, Path]:
         """(SOP Instance UID, absolute path) of a received instance's stored file."""
@@ -214,19 +298,29 @@ class Worker:
                 raise JobError(f"instance {instance_id} has no stored file")
             return instance.sop_instance_uid, self.store.absolute(instance.path)
 
-    def _latest_result(self, instance_id: int) -> Result:
+    def _live_result(self, instance_id: int) -> Result:
+        """The live model's result of an instance: the only one that is sent or referred. An
+        instance whose result comes from another model (screened just before a promote or
+        rollback) fails its job with a message that says so."""
+        live_uid = self.live_device_uid()
         with Session(self.queue.engine) as session:
-            result = session.scalars(
-                select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
-            ).first()
+            result = session.scalar(
+                select(Result).where(Result.instance_id == instance_id, Result.device_uid == live_uid))
             if result is None:
-                raise JobError(f"instance {instance_id} has no result")
+                other = session.scalars(
+                    select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
+                ).first()
+                if other is None:
+                    raise JobError(f"instance {instance_id} has no result")
+                raise JobError(f"instance {instance_id} has no result of the live model (Device UID "
+                               f"{live_uid}); its result is from {other.model_name} {other.model_version} "
+                               f"(Device UID {other.device_uid}), which is not live: not sent or referred")
             session.expunge(result)
             return result
 
     def _refer(self, job: JobRecord) -> None:
         """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
-        result = self._latest_result(job.instance_id)
+        result = self._live_result(job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         try:
             outcome = refer(self.queue.engine, self.settings.referral.policy(),
@@ -242,7 +336,7 @@ class Worker:
         destination = self.destinations.get(job.destination)
         if destination is None:
             raise JobError(f"destination {job.destination!r} is no longer configured")
-        result = self._latest_result(job.instance_id)
+        result = self._live_result(job.instance_id)
         files = {"sr": result.sr_path, "sc": result.sc_path}
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
         with STAGE_SECONDS.labels("send").time():
@@ -318,7 +412,9 @@ class Pipelined:
         """Claim until batch + depth infer jobs are loading; True when a job was claimed."""
         claimed = False
         while len(self.ahead) < self.batch + self.depth and not self.stop.is_set():
-            job = self.worker.claim()
+            # A shadow job only when no live image is loading or being recorded (its follow-ups
+            # would be queued behind the shadow run).
+            job = self.worker.claim(shadow=not self.ahead and not self.finishing)
             if job is None:
                 break
             claimed = True
