@@ -9,22 +9,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dicom_tools import synthetic_dx
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from tinymodels import export_tiny_bundle
 
-from dicom_tools import synthetic_dx
 from osteo_node import migrate, roles, work
 from osteo_node.bundle import load_bundle, read_manifest
 from osteo_node.config import Settings, parse_settings
-from osteo_node.db import AuditEvent, Job, ModelAssignment, Referral, Result, make_engine
+from osteo_node.db import (
+    AuditEvent,
+    Job,
+    ModelAssignment,
+    Referral,
+    Result,
+    make_engine,
+)
 from osteo_node.errors import ConfigError, JobError
 from osteo_node.infer import Inference
 from osteo_node.queue import DONE, INFER, QUEUED, SEND, SHADOW, Queue, Received
 from osteo_node.store import FileStore
 from osteo_node.work import Worker
-from tinymodels import export_tiny_bundle
 
 
 @pytest.fixture(scope="module")
