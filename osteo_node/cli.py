@@ -97,6 +97,12 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
         report(f"model bundle {bundle.identity.name} {bundle.identity.version}", None)
     except OsteoNodeError as exc:
         report(f"model bundle {settings.model.bundle!r}", str(exc))
+    for entry in settings.model.shadow:
+        try:
+            bundle = load_bundle(entry)
+            report(f"shadow model bundle {bundle.identity.name} {bundle.identity.version}", None)
+        except OsteoNodeError as exc:
+            report(f"shadow model bundle {entry!r}", str(exc))
     if not settings.destinations:
         report("destinations", "none configured: results would not be sent anywhere")
     for destination in settings.destinations:
