@@ -137,6 +137,12 @@ def cmd_check(settings: Settings, _args: argparse.Namespace) -> int:
         report(f"model bundle {bundle.identity.name} {bundle.identity.version}", None)
     except OsteoNodeError as exc:
         report(f"model bundle {settings.model.bundle!r}", str(exc))
+    for entry in settings.model.shadow:
+        try:
+            bundle = load_bundle(entry)
+            report(f"shadow model bundle {bundle.identity.name} {bundle.identity.version}", None)
+        except OsteoNodeError as exc:
+            report(f"shadow model bundle {entry!r}", str(exc))
     if not settings.destinations:
         report("destinations", "none configured: results would not be sent anywhere")
     for destination in settings.destinations:
@@ -379,6 +385,62 @@ def cmd_operating_point(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model(settings: Settings, args: argparse.Namespace) -> int:
+    """List the configured models with their roles; promote a shadow or roll back (audited)."""
+    import getpass
+
+    from . import roles
+    from .node import open_runtime
+
+    runtime = open_runtime(settings, create_schema=False)
+    actor = f"cli:{getpass.getuser()}"
+    if args.action == "promote":
+        if not args.name:
+            print("osteo-node model promote: the name of a shadow model is required", file=sys.stderr)
+            return 2
+        current = roles.promote(settings, runtime.engine, args.name, actor=actor, reason=args.reason)
+    elif args.action == "rollback":
+        current = roles.rollback(settings, runtime.engine, actor=actor, reason=args.reason)
+    else:
+        current = roles.model_roles(settings, runtime.engine)
+    print(f"{'role':7} {'name':20} {'version':10} {'device uid':64} entry")
+    for model in current.models:
+        print(f"{model.role:7} {model.name:20} {model.version:10} {model.device_uid:64} {model.entry}")
+    if args.action == "list":
+        for row in roles.history(runtime.engine):
+            print(f"assignment {row.id} {row.at:%Y-%m-%d %H:%M:%S} {row.action:8} by {row.actor}: "
+                  f"{row.live_name} {row.live_version} live (was {row.previous_device_uid})"
+                  + (f"; {row.reason}" if row.reason else ""))
+    else:
+        print("restart the workers (osteo-node serve / work) so that they load the live model; until "
+              "then a worker whose model is no longer live stops screening")
+    return 0
+
+
+def cmd_dataset(settings: Settings, args: argparse.Namespace) -> int:
+    """Export the DXA-paired images, de-identified, with a training manifest (osteo_node.dataset)."""
+    from . import audit
+    from .dataset import export
+    from .deidentify import Pseudonymizer, load_key
+    from .node import open_runtime
+
+    runtime = open_runtime(settings, create_schema=False)
+    if args.out.exists() and any(args.out.iterdir()):
+        print(f"osteo-node dataset export: --out {args.out} is not empty; choose a new folder",
+              file=sys.stderr)
+        return 2
+    pseudonymizer = Pseudonymizer(load_key(settings.node.data_dir), dates=args.dates)
+    summary = export(runtime.engine, runtime.store, args.out, pseudonymizer,
+                     settings.validation.match_window_days)
+    audit.record(runtime.engine, "cli", "dataset.export", "dataset", str(args.out)[-64:],
+                 detail=f"{summary.exported} images of {summary.patients} patients; dates {args.dates}; "
+                        f"skipped {summary.skipped or 'none'}")
+    print(f"exported {summary.exported} images of {summary.patients} patients to {summary.manifest}")
+    for reason, count in sorted(summary.skipped.items()):
+        print(f"skipped {count}: {reason}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Measure receive, pipeline, throughput and memory on this machine; print a table (or JSON)."""
     from .bench import OPTIONAL_SECTIONS, SECTIONS, format_table, run_bench
@@ -453,6 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     chosen.add_argument("--low-bmd-threshold", type=float, help="set: this low-BMD threshold")
     chosen.add_argument("--bundle-default", action="store_true",
                         help="set: back to the thresholds validated with the model (bundle.json)")
+    model = command("model", cmd_model, "list models and roles; promote a shadow model; roll back")
+    model.add_argument("action", choices=["list", "promote", "rollback"])
+    model.add_argument("name", nargs="?", help="promote: the shadow (configured entry, folder or "
+                       "bundle name, or Device UID)")
+    model.add_argument("--reason", default="", help="why (kept in the history and the audit trail)")
+    dataset = command("dataset", cmd_dataset, "export the DXA-paired images, de-identified, for retraining")
+    dataset.add_argument("action", choices=["export"])
+    dataset.add_argument("--out", required=True, type=Path, help="new (or empty) output folder")
+    dataset.add_argument("--dates", choices=["shift", "keep"], default="shift",
+                         help="shift dates back by a per-patient offset (default) or keep them")
     bench = sub.add_parser("bench", help="measure receive rate, pipeline, throughput and memory here")
     bench.add_argument("--config", type=Path, help="TOML configuration (default: built-in defaults)")
     bench.add_argument("--bundle", help="bundle name or folder (default: the config's model.bundle)")

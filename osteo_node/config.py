@@ -125,6 +125,9 @@ class DatabaseSettings(_Section):
 
 class ModelSettings(_Section):
     bundle: Annotated[str, AfterValidator(_bundle)] = "reference"
+    #: Shadow models: screened on every eligible image after the live model, stored, never sent
+    #: or referred (osteo_node.roles; `osteo-node model promote NAME` makes one live).
+    shadow: tuple[Annotated[str, AfterValidator(_bundle)], ...] = ()
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     #: "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16" autocasts on CPU too (osteo_node.model.autocast).
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -132,6 +135,15 @@ class ModelSettings(_Section):
     cam_method: Literal["bundle", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "eigengradcam"] = "bundle"
     display_max: int = Field(default=1024, ge=256, le=4096)
     torch_threads: int = Field(default=0, ge=0, le=256)
+
+    @model_validator(mode="after")
+    def _distinct_shadows(self) -> "ModelSettings":
+        entries = [self.bundle, *self.shadow]
+        repeated = sorted({e for e in entries if entries.count(e) > 1})
+        if repeated:
+            raise ValueError(f"model.shadow must list each bundle once and not model.bundle itself; "
+                             f"repeated: {repeated}")
+        return self
 
 
 class WorkerSettings(_Section):

@@ -193,6 +193,28 @@ class SiteOperatingPoint(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ModelAssignment(Base):
+    """One change of the live model (`osteo-node model promote` / `rollback`); the newest row is
+    in force (osteo_node.roles). No row: the configured `[model] bundle` is live. Rows are never
+    updated, so the table is the versioned history of which model was live when."""
+
+    __tablename__ = "model_assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(64))
+    #: "promote" or "rollback".
+    action: Mapped[str] = mapped_column(String(16))
+    #: The model made live, by Device UID, and the configured entry (name or folder) it came from.
+    live_device_uid: Mapped[str] = mapped_column(UID)
+    live_entry: Mapped[str] = mapped_column(Text)
+    live_name: Mapped[str] = mapped_column(String(64))
+    live_version: Mapped[str] = mapped_column(String(32))
+    #: The model that was live before this change (what a rollback returns to).
+    previous_device_uid: Mapped[str] = mapped_column(UID)
+    reason: Mapped[str] = mapped_column(Text, default="")
+
+
 class Referral(Base):
     """A patient put on the DXA referral worklist by a screening result (osteo_node.refer).
 

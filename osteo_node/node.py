@@ -82,15 +82,15 @@ def resolve_device(settings: Settings) -> str:
     return device
 
 
-def load_inference(settings: Settings) -> Inference:
-    """Load the configured bundle once and warm it up (pipeline.warm_up); raises BundleError when
-    it is missing or altered."""
+def load_inference(settings: Settings, bundle_entry: str | None = None) -> Inference:
+    """Load a bundle (default: the configured `model.bundle`) once and warm it up
+    (pipeline.warm_up); raises BundleError when it is missing or altered."""
     from .bundle import load_bundle
     from .infer import Inference
     from .pipeline import warm_up
 
     device = resolve_device(settings)
-    bundle = load_bundle(settings.model.bundle, device=device, merged=True)
+    bundle = load_bundle(bundle_entry or settings.model.bundle, device=device, merged=True)
     log.info("model %s %s (Device UID %s) on %s, precision %s, batch size %d", bundle.identity.name,
              bundle.identity.version, bundle.identity.device_uid, device, settings.model.precision,
              settings.worker.batch_size)
@@ -180,12 +180,21 @@ class Node:
             if self.work:
                 from .work import Worker
 
+                from .roles import model_roles
+
+                roles = model_roles(settings, runtime.engine)
+                log.info("live model: %s %s (Device UID %s); shadows: %s", roles.live.name,
+                         roles.live.version, roles.live.device_uid,
+                         ", ".join(f"{m.name} {m.version} ({m.device_uid})" for m in roles.shadows)
+                         or "none")
                 if self.inference is None:
-                    self.inference = load_inference(settings)
+                    self.inference = load_inference(settings, roles.live.entry)
+                shadows = {m.device_uid: load_inference(settings, m.entry) for m in roles.shadows}
                 identity = self.inference.identity
                 MODEL.info({"name": identity.name, "version": identity.version,
                             "device_uid": identity.device_uid, "backbone": identity.backbone})
-                self._worker = Worker(settings, runtime.queue, runtime.store, self.inference)
+                self._worker = Worker(settings, runtime.queue, runtime.store, self.inference,
+                                      shadows=shadows, roles=roles)
             checks: dict[str, Callable[[], object]] = {"database": runtime.queue.counts}
             if self.receive and self.work and settings.hl7.enabled:  # `serve`
                 from .hl7_listener import Listener

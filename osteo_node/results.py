@@ -64,13 +64,22 @@ def stored_file(engine: Engine, instance_id: int) -> tuple[str, str]:
         return instance.sop_instance_uid, instance.path
 
 
-def latest_result(engine: Engine, instance_id: int) -> Result:
-    """The newest result row of an instance (detached from its session)."""
+def live_result(engine: Engine, instance_id: int, live_device_uid: str) -> Result:
+    """The live model's result of an instance (detached), the only one that is sent or referred.
+    An instance whose result comes from another model (screened just before a promote or
+    rollback) is a JobError that says so."""
     with Session(engine) as session:
-        result = session.scalars(
-            select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
-        ).first()
+        result = session.scalar(select(Result).where(
+            Result.instance_id == instance_id, Result.device_uid == live_device_uid))
         if result is None:
-            raise JobError(f"instance {instance_id} has no result")
+            other = session.scalars(
+                select(Result).where(Result.instance_id == instance_id).order_by(Result.id.desc())
+            ).first()
+            if other is None:
+                raise JobError(f"instance {instance_id} has no result")
+            raise JobError(f"instance {instance_id} has no result of the live model (Device UID "
+                           f"{live_device_uid}); its result is from {other.model_name} "
+                           f"{other.model_version} (Device UID {other.device_uid}), which is not "
+                           "live: not sent or referred")
         session.expunge(result)
         return result

@@ -7,6 +7,13 @@ store and records the result (results.py). A `send` job C-STOREs the results to 
 a `refer` job applies the referral policy. Failures go back to the queue, which retries with
 backoff or dead-letters; the worker never loops on a failure itself.
 
+Shadow models (osteo_node.roles): after the live result, one `shadow` job per shadow model is
+queued. A worker claims a shadow job only when no live job (infer, send, refer) is due, so a live
+job never waits behind a shadow one (at most behind the one shadow image in progress). A shadow
+result is stored like a live one and has no follow-ups: it is never sent nor referred. Send and
+refer always take the live model's result. A worker whose live model is no longer live (a
+promote or rollback since it started) stops screening and says so in the log until restarted.
+
 With `worker.prefetch` > 0 or `worker.batch_size` > 1 an inference worker overlaps images
 (`Pipelined`): while the model runs on one image (or one batch) in the worker's own thread, the
 next infer jobs are claimed and loaded (read, decode, preprocess) in loader threads, and the images
@@ -24,7 +31,7 @@ import socket
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -35,16 +42,18 @@ from sqlalchemy.exc import OperationalError
 
 from . import audit, pipeline, results
 from .config import Settings
+from .db import Result
 from .dxa import ScreenedFacts
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
-from .flow import INFER, STEPS
+from .flow import INFER, STEPS, shadow_runs
 from .queue import JobRecord, Outcome, Queue, RetryPolicy
 from .operating_point import bundle_thresholds
 from .refer import PatientStudy, refer
+from .roles import ModelRoles, assignment_version, model_roles
 from .send import send_files
 from .store import FileStore
 
@@ -58,17 +67,30 @@ def worker_name() -> str:
 
 
 class Worker:
-    """Runs jobs until stopped. `inference` is None for a send-only worker."""
+    """Runs jobs until stopped. `inference` is None for a send-only worker.
+
+    `shadows`: the shadow models this worker screens with, by Device UID. `roles`: the model roles
+    the worker was started with (osteo_node.roles); the worker follows changes of them. Without
+    `roles` (tests, bench) the worker's own model is the live one and nothing is followed.
+    """
 
     def __init__(
-        self, settings: Settings, queue: Queue, store: FileStore, inference: Inference | None
+        self, settings: Settings, queue: Queue, store: FileStore, inference: Inference | None,
+        *, shadows: Mapping[str, Inference] | None = None, roles: ModelRoles | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.store = store
         self.inference = inference
+        self.shadows = dict(shadows or {}) if inference is not None else {}
+        self.roles = roles
+        #: True once the live model is no longer this worker's model: it stops screening.
+        self.stale = False
         self.name = worker_name()
-        self.kinds = tuple(kind for kind, step in STEPS.items() if inference is not None or not step.needs_model)
+        runnable = {kind: step for kind, step in STEPS.items() if inference is not None or not step.needs_model}
+        #: Live kinds, claimed first; background kinds (shadow runs) only when none of those is due.
+        self.kinds = tuple(kind for kind, step in runnable.items() if not step.background)
+        self.background = tuple(kind for kind, step in runnable.items() if step.background)
         w = settings.worker
         self.policy = RetryPolicy(w.max_attempts, w.retry_base_s, w.retry_max_s)
         self.destinations = {d.name: d for d in settings.destinations}
@@ -114,9 +136,18 @@ class Worker:
         self.attempt(job, partial(self.run_job, job))
         return True
 
-    def claim(self) -> JobRecord | None:
-        """Lease the next due job; jobs whose attempts are spent are dead-lettered on the way."""
-        while (job := self.queue.claim(self.name, self.settings.worker.lease_s, self.kinds)) is not None:
+    def claim(self, *, shadow: bool = True) -> JobRecord | None:
+        """Lease the next due live job, else (when none is due, and `shadow`) the next shadow job."""
+        self._follow_roles()
+        kinds = tuple(k for k in self.kinds if not STEPS[k].needs_model) if self.stale else self.kinds
+        job = self._claim(kinds)
+        if job is None and shadow and self.shadows and not self.stale:
+            job = self._claim(self.background)
+        return job
+
+    def _claim(self, kinds: Sequence[str]) -> JobRecord | None:
+        """Lease the next due job of `kinds`; jobs whose attempts are spent are dead-lettered."""
+        while (job := self.queue.claim(self.name, self.settings.worker.lease_s, kinds)) is not None:
             if job.attempts <= self.policy.max_attempts:
                 return job
             self.queue.fail(job, f"gave up after {job.attempts - 1} attempts; last error: "
@@ -145,6 +176,31 @@ class Worker:
             log.exception("job %d failed (now %s)", job.id, state)
         return None
 
+    def _follow_roles(self) -> None:
+        """Take up a promote or rollback: a worker whose model is no longer live goes stale."""
+        if self.roles is None or assignment_version(self.queue.engine) == self.roles.assignment_id:
+            return
+        self.roles = model_roles(self.settings, self.queue.engine)
+        live = self.roles.live
+        if self.inference is not None and live.device_uid != self.inference.identity.device_uid:
+            if not self.stale:
+                mine = self.inference.identity
+                log.error("model roles changed: %s %s (Device UID %s) is live now, this worker runs "
+                          "%s %s (Device UID %s); it stops screening and only sends and refers. "
+                          "Restart it to load the live model", live.name, live.version, live.device_uid,
+                          mine.name, mine.version, mine.device_uid)
+            self.stale = True
+
+    def live_device_uid(self) -> str:
+        """The Device UID of the live model now (whose results are sent and referred)."""
+        self._follow_roles()
+        if self.roles is not None:
+            return self.roles.live.device_uid
+        if self.inference is not None:
+            return self.inference.identity.device_uid
+        self.roles = model_roles(self.settings, self.queue.engine)
+        return self.roles.live.device_uid
+
     def run_job(self, job: JobRecord) -> None:
         """Run a claimed job start to end with its kind's handler (flow.STEPS); errors propagate
         (see `attempt`)."""
@@ -154,7 +210,8 @@ class Worker:
     def complete(self, job: JobRecord, outcome: Outcome | None = None) -> bool:
         """Mark `job` done with its `outcome`, queueing its follow-ups (flow.STEPS), in one
         transaction; False when the lease was lost (nothing recorded)."""
-        follow_ups = STEPS[job.kind].follow_ups(self.settings)
+        step = STEPS[job.kind]
+        follow_ups = step.follow_ups(self.settings) + (shadow_runs(self.shadows) if step.shadowed else ())
         return self.queue.complete(job, outcome=outcome, follow_ups=follow_ups)
 
     def infer(self, job: JobRecord) -> None:
@@ -181,13 +238,16 @@ class Worker:
         self.record(job, source_uid, pipeline.report(examined))
 
     def record(self, job: JobRecord, source_uid: str, result: Screening) -> None:
-        """Write the SR and SC durably, then complete the job with its result row."""
-        model = result.prediction.model
-        sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
-        sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
-        self.store.write(sr_path, to_bytes(result.sr))
-        self.store.write(sc_path, to_bytes(result.sc))
-        row = results.result_row(job.instance_id, result, sr_path, sc_path)
+        """Write the SR and SC durably, then complete the job with its result row and follow-ups
+        (send, refer, shadows). When the worker's model stopped being live meanwhile, the job goes
+        back to the queue for a worker that runs the live model."""
+        self._follow_roles()
+        if self.stale:
+            self.queue.release(job)
+            log.error("job %d: screened by a model that is no longer live; handed back to the queue, "
+                      "not recorded (restart this worker)", job.id)
+            return
+        row = self._write_result(job, source_uid, result)
         facts = None if result.source is None else ScreenedFacts.from_dataset(result.source)
         if self.complete(job, results.screened(row, facts)):
             for stage, seconds in result.seconds.items():
@@ -198,6 +258,37 @@ class Worker:
                      result.prediction.category, timing,
                      extra={"job_id": job.id, "sop_instance_uid": source_uid})
 
+    def shadow(self, job: JobRecord) -> None:
+        """Screen an instance with a shadow model and store the result: no send, no referral."""
+        inference = self.shadows.get(job.destination)
+        if (inference is None and self.inference is not None
+                and job.destination == self.inference.identity.device_uid):
+            inference = self.inference  # a shadow promoted since the job was queued
+        if inference is None:
+            raise JobError(f"shadow model {job.destination} is not loaded by this worker; restart the "
+                           "workers after changing model.shadow")
+        source_uid, source = self._stored(job.instance_id)
+        result = pipeline.screen(source, inference, self.settings.model.display_max)
+        row = self._write_result(job, source_uid, result)
+        if self.complete(job, results.screened(row)):
+            model = result.prediction.model
+            log.info("job %d: shadow %s %s on instance %s -> %s (stored, not sent)", job.id, model.name,
+                     model.version, source_uid, result.prediction.category,
+                     extra={"job_id": job.id, "sop_instance_uid": source_uid})
+
+    def _write_result(self, job: JobRecord, source_uid: str, result: Screening) -> Result:
+        """Write the SR and SC durably; the result row that records them."""
+        model = result.prediction.model
+        sr_path = self.store.output_path(source_uid, model.device_uid, "sr")
+        sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
+        self.store.write(sr_path, to_bytes(result.sr))
+        self.store.write(sc_path, to_bytes(result.sc))
+        return results.result_row(job.instance_id, result, sr_path, sc_path)
+
+    def _live_result(self, instance_id: int) -> Result:
+        """The live model's result of an instance: the only one that is sent or referred."""
+        return results.live_result(self.queue.engine, instance_id, self.live_device_uid())
+
     def _stored(self, instance_id: int) -> tuple[str, Path]:
         """(SOP Instance UID, absolute path) of a received instance's stored file."""
         source_uid, relative = results.stored_file(self.queue.engine, instance_id)
@@ -205,7 +296,7 @@ class Worker:
 
     def refer(self, job: JobRecord) -> None:
         """Put the patient on the DXA worklist when the policy says so (idempotent per image)."""
-        result = results.latest_result(self.queue.engine, job.instance_id)
+        result = self._live_result(job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         defaults = bundle_thresholds(self.settings)  # read each time: the bundle may have changed
         try:
@@ -225,7 +316,7 @@ class Worker:
         destination = self.destinations.get(job.destination)
         if destination is None:
             raise JobError(f"destination {job.destination!r} is no longer configured")
-        result = results.latest_result(self.queue.engine, job.instance_id)
+        result = self._live_result(job.instance_id)
         files = {"sr": result.sr_path, "sc": result.sc_path}
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
         with STAGE_SECONDS.labels("send").time():
@@ -300,7 +391,9 @@ class Pipelined:
         """Claim until batch + depth infer jobs are loading; True when a job was claimed."""
         claimed = False
         while len(self.ahead) < self.batch + self.depth and not self.stop.is_set():
-            job = self.worker.claim()
+            # A shadow job only when no live image is loading or being recorded (its follow-ups
+            # would be queued behind the shadow run).
+            job = self.worker.claim(shadow=not self.ahead and not self.finishing)
             if job is None:
                 break
             claimed = True
