@@ -26,7 +26,6 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from . import operating_point
-from .manifest import read_manifest, resolve_bundle_path
 from .metrics import (
     Interval,
     bootstrap_indices,
@@ -41,12 +40,14 @@ from .metrics import (
 from .operating_point import OperatingPoint, OperatingPointError, Thresholds, Volume
 from .pairing import ModelKey, ModelPairs, by_model, load_pairs, models
 from .refer import flagged
+from .roles import LIVE as LIVE  # re-exported: the roles validate reports
+from .roles import SHADOW as SHADOW
+from .roles import model_roles
 
 if TYPE_CHECKING:
     from .config import Settings, ValidationSettings
 
 INSUFFICIENT, FAILING, PASSING = "insufficient-data", "failing", "passing"
-LIVE, SHADOW = "live", "shadow"
 #: A CI from fewer cases than this is marked `small_sample`.
 SMALL_N = 30
 CALIBRATION_BINS = 10
@@ -56,13 +57,6 @@ SENSITIVITY_TARGETS = (0.80, 0.85, 0.90, 0.95)
 AGE_BANDS = ((0, 50, "<50"), (50, 60, "50-59"), (60, 70, "60-69"), (70, 80, "70-79"),
              (80, math.inf, "80+"))
 SEED = 0
-
-
-def model_role(settings: Settings, device_uid: str) -> str:
-    """"live" for the model of the configured `[model] bundle` (its bundle.json's Device UID),
-    "shadow" for every other model that has produced results here."""
-    manifest = read_manifest(resolve_bundle_path(settings.model.bundle))
-    return LIVE if str(manifest["device_uid"]) == device_uid else SHADOW
 
 
 def status_of(pairs: int, low_bmd_auc_ci_high: float | None, rules: ValidationSettings) -> str:
@@ -298,7 +292,8 @@ def validate(engine: Engine, settings: Settings, *, targets: Targets | None = No
                   for k in keys}
         volumes = {k.device_uid: operating_point.recent_volume(session, k.device_uid, now)
                    for k in keys}
-    roles = {k.device_uid: model_role(settings, k.device_uid) for k in keys}
+    in_force = model_roles(settings, engine)  # live, shadow, or retired (configured no more)
+    roles = {k.device_uid: in_force.role_of(k.device_uid) for k in keys}
     keys.sort(key=lambda k: roles[k.device_uid] != LIVE)
     entries = []
     for key in keys:
@@ -347,7 +342,7 @@ def live_status(report: Mapping[str, Any]) -> str | None:
 def live_model_status(engine: Engine, settings: Settings) -> str | None:
     """The live model's status alone (pairs and low-BMD AUC CI; no subgroups): the worklist's
     warning banner asks this often. None while the live model has produced no results."""
-    live = read_manifest(resolve_bundle_path(settings.model.bundle))["device_uid"]
+    live = model_roles(settings, engine).live.device_uid
     with Session(engine) as session:
         data = by_model(session, load_pairs(session, settings.validation.match_window_days)).get(live)
     if data is None:
