@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from . import codes, dxa
 from .config import Hl7Settings
-from .errors import DxaError
+from .errors import ConfigError, DxaError
 
 log = logging.getLogger(__name__)
 
@@ -354,11 +354,15 @@ class Listener:
         self._stopped: asyncio.Event | None = None
 
     def start(self) -> "Listener":
-        """Bind and serve; OSError when the address cannot be bound."""
+        """Bind and serve; ConfigError naming the keys when the address cannot be bound."""
         self.thread.start()
         self.ready.wait()
         if self.error is not None:
-            raise self.error
+            self.thread.join()
+            self.loop.close()
+            raise ConfigError(f"hl7.bind_address / hl7.port: cannot listen on "
+                              f"{self.settings.bind_address}:{self.settings.port} "
+                              f"({getattr(self.error, 'strerror', None) or self.error})")
         log.info("HL7 listener on %s:%d (MLLP; ORU^R01 DXA results)", self.settings.bind_address,
                  self.port)
         return self

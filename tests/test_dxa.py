@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -234,3 +235,33 @@ def test_garbage_gets_ar_and_a_database_outage_ar_to_resend(handler: Handler, tm
     code, text = answer(Handler(unusable, Hl7Settings(), 365), oru())
     assert (code, "resend" in text) == (AR, True)
     unusable.dispose()
+
+
+def test_config_errors_name_the_key() -> None:
+    from osteo_node.config import parse_settings
+    from osteo_node.errors import ConfigError
+
+    for raw, key in [({"hl7": {"port": 70000}}, "hl7.port"),
+                     ({"hl7": {"allowed_sending_facilities": [""]}}, "hl7.allowed_sending_facilities"),
+                     ({"hl7": {"max_message_kb": 0}}, "hl7.max_message_kb"),
+                     ({"hl7": {"enable": True}}, "hl7.enable: unknown key"),
+                     ({"validation": {"match_window_days": -1}}, "validation.match_window_days")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse_settings(raw, Path("."))
+    settings = parse_settings({}, Path("."))
+    assert (settings.hl7.enabled, settings.hl7.bind_address, settings.hl7.port) == (False, "127.0.0.1", 2575)
+    assert settings.validation.match_window_days == 365 and settings.referral.repeat_window_days == 730
+
+
+def test_a_port_in_use_is_a_config_error(engine: Engine) -> None:
+    import socket
+
+    from osteo_node.errors import ConfigError
+    from osteo_node.hl7_listener import Listener
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"hl7.bind_address / hl7.port: cannot listen on 127.0.0.1:{port}"):
+            Listener(engine, Hl7Settings(port=port), 365).start()
