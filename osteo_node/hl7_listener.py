@@ -30,9 +30,15 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import hl7
-from hl7.mllp import start_hl7_server
-from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, HL7StreamReader, HL7StreamWriter
+import hl7  # type: ignore[import-untyped]  # python-hl7 ships no type information
+from hl7.mllp import start_hl7_server  # type: ignore[import-untyped]
+from hl7.mllp.streams import (  # type: ignore[import-untyped]
+    CARRIAGE_RETURN,
+    END_BLOCK,
+    START_BLOCK,
+    HL7StreamReader,
+    HL7StreamWriter,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from osteo_node import dxa, migrate
 from osteo_node.config import Hl7Settings
-from osteo_node.db import DxaResult, Instance, ScreenedImage, make_engine
+from osteo_node.db import DxaResult, Instance, make_engine
 from osteo_node.errors import DxaError
 from osteo_node.hl7_listener import AA, AE, AR, Handler, ack, parse, read_oru
 
