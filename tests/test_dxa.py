@@ -213,6 +213,7 @@ def test_answers_aa_then_duplicate_and_ae_for_what_it_cannot_use(engine: Engine,
     refused = {
         "unknown patient": oru(pid3="NOBODY^^^HOSP^MR"),
         "within 365 days": oru(pid3="OLD^^^HOSP^MR"),
+        "days of the DXA date": oru(obr7=(TODAY - dt.timedelta(days=500)).strftime("%Y%m%d")),
         "outside -7..+7": oru("OBX|1|NM|38267-1^T^LN||-9.5||||||F"),
         "in the future": oru(obr7=future),
         "no final T-score": oru("OBX|1|ST|38269-7^DXA report^LN||normal||||||F"),
