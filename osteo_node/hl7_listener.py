@@ -26,9 +26,11 @@ import datetime as dt
 import logging
 import re
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import hl7  # type: ignore[import-untyped]  # python-hl7 ships no type information
 from hl7.mllp import start_hl7_server  # type: ignore[import-untyped]
@@ -235,7 +237,7 @@ class Handler:
             log.error("HL7 message %s: database unavailable (%s)", ctrl, type(exc).__name__)
             return Answer(AR, "database unavailable: resend later", ctrl), message
         except Exception as exc:  # a bug must not stop the listener; the sender gets an answer
-            log.exception("HL7 message %s: unexpected %s", ctrl, type(exc).__name__)
+            log.error("HL7 message %s: unexpected %s at %s", ctrl, type(exc).__name__, _where(exc))
             return Answer(AR, f"internal error ({type(exc).__name__}): resend later", ctrl), message
 
     def _answer(self, message: hl7.Message, ctrl: str) -> Answer:
@@ -268,6 +270,13 @@ class Handler:
 
 def _escape(text: str) -> str:
     return "".join(_ESCAPES.get(ch, ch) for ch in text)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where `exc` was raised. Logged instead of the message and traceback, which may
+    quote the message's contents (database errors quote their parameters: patient IDs)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
 
 
 def ack(answer: Answer, message: hl7.Message | None) -> bytes:
@@ -309,8 +318,9 @@ class Server:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing was acknowledged that was not stored
-        except Exception:  # never let one connection's failure reach the server
-            log.exception("HL7 connection from %s failed", peer)
+        except Exception as exc:  # never let one connection's failure reach the server
+            log.error("HL7 connection from %s failed: %s at %s", peer, type(exc).__name__,
+                      _where(exc))
         finally:
             writer.close()
 
