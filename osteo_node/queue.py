@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import Instance, Job, Result, ScreenedImage, utcnow
+from .dxa import add_screened
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,8 @@ class Queue:
             )
             if existing is None:
                 session.add(result)
-            if screened is not None and session.scalar(select(ScreenedImage.id).where(
-                    ScreenedImage.instance_id == screened.instance_id)) is None:
-                session.add(screened)
+            if screened is not None:
+                add_screened(session, screened)
             follow_ups = [(SEND, name) for name in destinations] + ([(REFER, "")] if refer else [])
             for kind, name in follow_ups:
                 known = session.scalar(

@@ -130,9 +130,14 @@ def test_last_result_is_the_latest_dxa_date(engine: Engine) -> None:
     screened(engine, "P1", TODAY - dt.timedelta(days=200))
     newer = dxa.record(engine, reading(when=TODAY - dt.timedelta(days=150), lumbar=-3.1))
     dxa.record(engine, reading(when=TODAY - dt.timedelta(days=300), lumbar=0.5))  # received later
+    other = dxa.record(engine, reading("P2", when=TODAY - dt.timedelta(days=400), hip=-1.1))
+    dxa.record(engine, reading("P1", issuer="", lumbar=1.0))  # another issuer: another patient
     with Session(engine) as session:
         last = dxa.last_result(session, "P1", "HOSP")
+        page = dxa.latest_results(session, [("P1", "HOSP"), ("P2", "HOSP"), ("P3", "HOSP")])
+        assert dxa.latest_results(session, []) == {}
     assert last is not None and last.id == newer.id and last.category == dxa.OSTEOPOROSIS
+    assert {k: v.id for k, v in page.items()} == {("P1", "HOSP"): newer.id, ("P2", "HOSP"): other.id}
 
 
 # --- ORU^R01 ----------------------------------------------------------------------------------------
