@@ -1,5 +1,6 @@
 """DXA results: screened-image facts, pairing with images, recording once, corrections, the last
-result; reading ORU^R01 messages and answering them (AA / AE / AR) without losing what is stored."""
+result; reading ORU^R01 messages and answering them (AA / AE / AR) without losing what is stored.
+Database tests run on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ TODAY = dt.date.today()
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    """A fresh database: SQLite, then the same test on PostgreSQL (conftest.database_url)."""
+    engine = make_engine(database_url)
     migrate.upgrade(engine)
     yield engine
     engine.dispose()
