@@ -186,6 +186,14 @@ class ScreenedFacts:
         return ScreenedImage(instance_id=instance_id, created_at=utcnow(), **self.__dict__)
 
 
+def add_screened(session: Session, row: ScreenedImage) -> None:
+    """Add `row` in the caller's transaction (the one that records the live result), unless its
+    instance already has one (a retried job)."""
+    known = session.scalar(select(ScreenedImage.id).where(ScreenedImage.instance_id == row.instance_id))
+    if known is None:
+        session.add(row)
+
+
 # --- Pairing a result with a screened image ----------------------------------------------------
 
 @dataclass(frozen=True)
@@ -303,18 +311,29 @@ class LastDxa:
         return who_category(self.lowest_t)
 
 
-def last_result(session: Session, patient_id: str, issuer: str) -> LastDxa | None:
-    """The patient's latest DXA result by DXA date (then the latest received), leaving out rows
-    superseded by a correction; None when the node has none."""
+def latest_results(session: Session, patients: Iterable[tuple[str, str]]
+                   ) -> dict[tuple[str, str], LastDxa]:
+    """Each patient's (PatientID, Issuer) latest DXA result by DXA date (then the latest
+    received), leaving out rows superseded by a correction; patients without one are absent. One
+    query for a page of patients (the worklist)."""
+    wanted = {(p.strip(), i.strip()) for p, i in patients}
+    if not wanted:
+        return {}
     newer = aliased(DxaResult)
-    row = session.scalars(
+    rows = session.scalars(
         select(DxaResult)
-        .where(DxaResult.patient_id == patient_id.strip(),
-               DxaResult.issuer_of_patient_id == issuer.strip(),
+        .where(DxaResult.patient_id.in_({p for p, _ in wanted}),
                ~select(newer.id).where(newer.supersedes_id == DxaResult.id).exists())
-        .order_by(DxaResult.dxa_date.desc(), DxaResult.id.desc()).limit(1)
-    ).first()
-    if row is None:
-        return None
-    return LastDxa(row.id, row.dxa_date, row.t_lumbar_spine, row.t_femoral_neck, row.t_total_hip,
-                   row.source)
+        .order_by(DxaResult.dxa_date, DxaResult.id))
+    found: dict[tuple[str, str], LastDxa] = {}
+    for row in rows:
+        key = (row.patient_id, row.issuer_of_patient_id)
+        if key in wanted:  # ordered by date, then id: the last one wins
+            found[key] = LastDxa(row.id, row.dxa_date, row.t_lumbar_spine, row.t_femoral_neck,
+                                 row.t_total_hip, row.source)
+    return found
+
+
+def last_result(session: Session, patient_id: str, issuer: str) -> LastDxa | None:
+    """One patient's latest DXA result (`latest_results`), or None when the node has none."""
+    return latest_results(session, [(patient_id, issuer)]).get((patient_id.strip(), issuer.strip()))

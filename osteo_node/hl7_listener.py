@@ -26,20 +26,28 @@ import datetime as dt
 import logging
 import re
 import threading
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import hl7
-from hl7.mllp import start_hl7_server
-from hl7.mllp.streams import CARRIAGE_RETURN, END_BLOCK, START_BLOCK, HL7StreamReader, HL7StreamWriter
+import hl7  # type: ignore[import-untyped]  # python-hl7 ships no type information
+from hl7.mllp import start_hl7_server  # type: ignore[import-untyped]
+from hl7.mllp.streams import (  # type: ignore[import-untyped]
+    CARRIAGE_RETURN,
+    END_BLOCK,
+    START_BLOCK,
+    HL7StreamReader,
+    HL7StreamWriter,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from . import codes, dxa
 from .config import Hl7Settings
-from .errors import DxaError
+from .errors import ConfigError, DxaError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +237,7 @@ class Handler:
             log.error("HL7 message %s: database unavailable (%s)", ctrl, type(exc).__name__)
             return Answer(AR, "database unavailable: resend later", ctrl), message
         except Exception as exc:  # a bug must not stop the listener; the sender gets an answer
-            log.exception("HL7 message %s: unexpected %s", ctrl, type(exc).__name__)
+            log.error("HL7 message %s: unexpected %s at %s", ctrl, type(exc).__name__, _where(exc))
             return Answer(AR, f"internal error ({type(exc).__name__}): resend later", ctrl), message
 
     def _answer(self, message: hl7.Message, ctrl: str) -> Answer:
@@ -262,6 +270,13 @@ class Handler:
 
 def _escape(text: str) -> str:
     return "".join(_ESCAPES.get(ch, ch) for ch in text)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line where `exc` was raised. Logged instead of the message and traceback, which may
+    quote the message's contents (database errors quote their parameters: patient IDs)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
 
 
 def ack(answer: Answer, message: hl7.Message | None) -> bytes:
@@ -303,8 +318,9 @@ class Server:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the peer went away; nothing was acknowledged that was not stored
-        except Exception:  # never let one connection's failure reach the server
-            log.exception("HL7 connection from %s failed", peer)
+        except Exception as exc:  # never let one connection's failure reach the server
+            log.error("HL7 connection from %s failed: %s at %s", peer, type(exc).__name__,
+                      _where(exc))
         finally:
             writer.close()
 
@@ -354,11 +370,15 @@ class Listener:
         self._stopped: asyncio.Event | None = None
 
     def start(self) -> "Listener":
-        """Bind and serve; OSError when the address cannot be bound."""
+        """Bind and serve; ConfigError naming the keys when the address cannot be bound."""
         self.thread.start()
         self.ready.wait()
         if self.error is not None:
-            raise self.error
+            self.thread.join()
+            self.loop.close()
+            raise ConfigError(f"hl7.bind_address / hl7.port: cannot listen on "
+                              f"{self.settings.bind_address}:{self.settings.port} "
+                              f"({getattr(self.error, 'strerror', None) or self.error})")
         log.info("HL7 listener on %s:%d (MLLP; ORU^R01 DXA results)", self.settings.bind_address,
                  self.port)
         return self

@@ -9,7 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .db import Instance, Result, ScreenedImage
+from .db import Instance, Result
+from .dxa import add_screened
 from .errors import JobError
 
 if TYPE_CHECKING:
@@ -48,9 +49,8 @@ def screened(row: Result, facts: ScreenedFacts | None = None) -> Outcome:
         )
         if existing is None:
             session.add(row)
-        if facts is not None and session.scalar(select(ScreenedImage.id).where(
-                ScreenedImage.instance_id == row.instance_id)) is None:
-            session.add(facts.row(row.instance_id))
+        if facts is not None:
+            add_screened(session, facts.row(row.instance_id))
 
     return store
 

@@ -1,10 +1,12 @@
 """DXA results: screened-image facts, pairing with images, recording once, corrections, the last
-result; reading ORU^R01 messages and answering them (AA / AE / AR) without losing what is stored."""
+result; reading ORU^R01 messages and answering them (AA / AE / AR) without losing what is stored.
+Database tests run on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from osteo_node import dxa, migrate
 from osteo_node.config import Hl7Settings
-from osteo_node.db import DxaResult, Instance, ScreenedImage, make_engine
+from osteo_node.db import DxaResult, Instance, make_engine
 from osteo_node.errors import DxaError
 from osteo_node.hl7_listener import AA, AE, AR, Handler, ack, parse, read_oru
 
@@ -26,8 +28,9 @@ TODAY = dt.date.today()
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.sqlite3'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    """A fresh database: SQLite, then the same test on PostgreSQL (conftest.database_url)."""
+    engine = make_engine(database_url)
     migrate.upgrade(engine)
     yield engine
     engine.dispose()
@@ -129,9 +132,14 @@ def test_last_result_is_the_latest_dxa_date(engine: Engine) -> None:
     screened(engine, "P1", TODAY - dt.timedelta(days=200))
     newer = dxa.record(engine, reading(when=TODAY - dt.timedelta(days=150), lumbar=-3.1))
     dxa.record(engine, reading(when=TODAY - dt.timedelta(days=300), lumbar=0.5))  # received later
+    other = dxa.record(engine, reading("P2", when=TODAY - dt.timedelta(days=400), hip=-1.1))
+    dxa.record(engine, reading("P1", issuer="", lumbar=1.0))  # another issuer: another patient
     with Session(engine) as session:
         last = dxa.last_result(session, "P1", "HOSP")
+        page = dxa.latest_results(session, [("P1", "HOSP"), ("P2", "HOSP"), ("P3", "HOSP")])
+        assert dxa.latest_results(session, []) == {}
     assert last is not None and last.id == newer.id and last.category == dxa.OSTEOPOROSIS
+    assert {k: v.id for k, v in page.items()} == {("P1", "HOSP"): newer.id, ("P2", "HOSP"): other.id}
 
 
 # --- ORU^R01 ----------------------------------------------------------------------------------------
@@ -212,6 +220,7 @@ def test_answers_aa_then_duplicate_and_ae_for_what_it_cannot_use(engine: Engine,
     refused = {
         "unknown patient": oru(pid3="NOBODY^^^HOSP^MR"),
         "within 365 days": oru(pid3="OLD^^^HOSP^MR"),
+        "days of the DXA date": oru(obr7=(TODAY - dt.timedelta(days=500)).strftime("%Y%m%d")),
         "outside -7..+7": oru("OBX|1|NM|38267-1^T^LN||-9.5||||||F"),
         "in the future": oru(obr7=future),
         "no final T-score": oru("OBX|1|ST|38269-7^DXA report^LN||normal||||||F"),
@@ -234,3 +243,33 @@ def test_garbage_gets_ar_and_a_database_outage_ar_to_resend(handler: Handler, tm
     code, text = answer(Handler(unusable, Hl7Settings(), 365), oru())
     assert (code, "resend" in text) == (AR, True)
     unusable.dispose()
+
+
+def test_config_errors_name_the_key() -> None:
+    from osteo_node.config import parse_settings
+    from osteo_node.errors import ConfigError
+
+    for raw, key in [({"hl7": {"port": 70000}}, "hl7.port"),
+                     ({"hl7": {"allowed_sending_facilities": [""]}}, "hl7.allowed_sending_facilities"),
+                     ({"hl7": {"max_message_kb": 0}}, "hl7.max_message_kb"),
+                     ({"hl7": {"enable": True}}, "hl7.enable: unknown key"),
+                     ({"validation": {"match_window_days": -1}}, "validation.match_window_days")]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse_settings(raw, Path("."))
+    settings = parse_settings({}, Path("."))
+    assert (settings.hl7.enabled, settings.hl7.bind_address, settings.hl7.port) == (False, "127.0.0.1", 2575)
+    assert settings.validation.match_window_days == 365 and settings.referral.repeat_window_days == 730
+
+
+def test_a_port_in_use_is_a_config_error(engine: Engine) -> None:
+    import socket
+
+    from osteo_node.errors import ConfigError
+    from osteo_node.hl7_listener import Listener
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"hl7.bind_address / hl7.port: cannot listen on 127.0.0.1:{port}"):
+            Listener(engine, Hl7Settings(port=port), 365).start()

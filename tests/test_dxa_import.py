@@ -154,6 +154,7 @@ def test_not_a_bundle_is_refused(config: Path, tmp_path: Path, capsys: pytest.Ca
     assert cli.main(["dxa", "import", "--config", str(config), str(path)]) == 2
 
 
+@pytest.mark.slow
 def test_dxa_import_as_a_subprocess(config: Path, tmp_path: Path) -> None:
     path = tmp_path / "one.csv"
     path.write_text(f"patient_id,issuer_of_patient_id,dxa_date,femoral_neck_t\nP1,HOSP,{D},-2.6\n")
