@@ -1,8 +1,8 @@
 """`osteo-node dataset export`: the site's paired images, de-identified, as a training set.
 
-An image is exported when a DXA result pairs with it (`pair_dxa`): the DXA of the same patient
-(PatientID + Issuer) nearest in time to the screened image, within `[validation]
-match_window_days`. The copy is de-identified (osteo_node.deidentify) and one row goes into
+An image is exported when a DXA result pairs with it (`pair_dxa`, over osteo_node.pairing, the
+pairing site validation uses): each DXA result with the same patient's (PatientID + Issuer)
+screened image nearest in time, within `[validation] match_window_days`. The copy is de-identified (osteo_node.deidentify) and one row goes into
 `manifest.csv`, in the columns `osteo-train train`, `sweep` and `evaluate` read
 (training/data.py): `file`, `patient_id` (pseudonym), `t_score` (the lowest of the DXA's
 T-scores), `class` (its WHO category), `age`, `sex`, `view`, `split`; plus `modality`,
@@ -27,7 +27,8 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from .db import DxaResult, Instance, ScreenedImage
+from . import pairing
+from .db import Instance, ScreenedImage
 from .deidentify import Pseudonymizer, deidentify
 from .dxa import who_category
 from .errors import ImageError
@@ -60,32 +61,19 @@ class Pair:
 
 
 def pair_dxa(engine: Engine, window_days: int) -> list[Pair]:
-    """Each screened image with the DXA result of the same patient nearest in time (at most
-    `window_days` apart); images without one are left out. Superseded DXA results are ignored;
-    a tie in distance goes to the later DXA, then the higher id.
-
-    The smallest pairing that the export needs; site validation (osteo_node.validation) pairs
-    the same way.
-    """
+    """The images site validation pairs with a DXA result (osteo_node.pairing: each current DXA
+    result with its patient's nearest screened image within `window_days`), each with its DXA; an
+    image that is the nearest of several DXA results takes the nearest of them (then the newer)."""
     with Session(engine) as session:
-        superseded = set(session.scalars(select(DxaResult.supersedes_id).where(DxaResult.supersedes_id.is_not(None))))
-        by_patient: dict[tuple[str, str], list[DxaResult]] = {}
-        for dxa in session.scalars(select(DxaResult).order_by(DxaResult.id)):
-            if dxa.id not in superseded:
-                by_patient.setdefault((dxa.patient_id, dxa.issuer_of_patient_id), []).append(dxa)
-        pairs = []
-        for image in session.scalars(select(ScreenedImage).order_by(ScreenedImage.instance_id)):
-            candidates = by_patient.get((image.patient_id, image.issuer_of_patient_id), [])
-            if image.image_date is None or not candidates:
-                continue
-            image_date = image.image_date
-            near = [d for d in candidates if abs((d.dxa_date - image_date).days) <= window_days]
-            if not near:
-                continue
-            best = min(near, key=lambda d: (abs((d.dxa_date - image_date).days), -d.dxa_date.toordinal(), -d.id))
-            scores = [t for t in (best.t_lumbar_spine, best.t_femoral_neck, best.t_total_hip) if t is not None]
-            pairs.append(Pair(image.instance_id, best.id, image_date, best.dxa_date, min(scores)))
-    return pairs
+        found = pairing.load_pairs(session, window_days)
+    best: dict[int, pairing.Pair] = {}
+    for p in found:
+        kept = best.get(p.image.instance_id)
+        if kept is None or (p.days_apart, -p.dxa.id) < (kept.days_apart, -kept.dxa.id):
+            best[p.image.instance_id] = p
+    return [Pair(p.image.instance_id, p.dxa.id, p.image.image_date, p.dxa.dxa_date, p.dxa.lowest_t)
+            for p in sorted(best.values(), key=lambda p: p.image.instance_id)
+            if p.image.image_date is not None]
 
 
 def split_of(pseudonym: str) -> str:
