@@ -31,7 +31,7 @@ from ..store import FileStore
 from . import admin, login, referrals
 from .auth import LoginThrottle, Sessions
 from .deps import HERE, NotSignedIn, WebContext
-from .login import login_page, resume_token
+from .login import expired_form_page
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     async def not_signed_in(request: Request, _exc: NotSignedIn) -> Response:
         if request.method == "GET":
             return RedirectResponse("/login", status_code=303)
-        resume = resume_token(request, await request.form())
-        return login_page(request, "session_expired" if resume else "", 401, resume=resume)
+        return expired_form_page(request, await request.form())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

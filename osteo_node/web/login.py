@@ -43,17 +43,19 @@ def login_page(request: Request, code: str = "", status_code: int = 200, *, name
     return response
 
 
-def resume_token(request: Request, form: FormData) -> str:
-    """A signed copy of a form posted with an expired session, when it provably came from our
-    own page (its CSRF token is that session's); "" otherwise."""
+def expired_form_page(request: Request, form: FormData) -> HTMLResponse:
+    """The answer to a form posted after the session expired: the login page, carrying a signed
+    copy of the form when it provably came from our own page (its CSRF token is the expired
+    session's), so that it can be submitted again after signing in."""
     ctx = context(request)
     with Session(ctx.engine) as session:
         stale = ctx.sessions.stale_csrf(session, request.cookies.get(SESSION_COOKIE))
     if stale is None or not csrf_ok(stale[1], form.get("csrf_token")):  # type: ignore[arg-type]
-        return ""
+        return login_page(request, "", 401)
     fields = [(k, v) for k, v in form.multi_items() if k != "csrf_token" and isinstance(v, str)]
-    return str(ctx.login_tokens.dumps({"user": stale[0], "path": request.url.path,
-                                       "fields": fields[:40]}, salt="osteo-node-resume"))
+    resume = str(ctx.login_tokens.dumps({"user": stale[0], "path": request.url.path,
+                                         "fields": fields[:40]}, salt="osteo-node-resume"))
+    return login_page(request, "session_expired", 401, name=stale[0], resume=resume)
 
 
 def read_resume(request: Request, token: str, name: str) -> dict[str, Any] | None:
