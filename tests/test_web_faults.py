@@ -253,14 +253,14 @@ def test_no_person_name_reaches_the_log(tmp_path: Path, capsys: pytest.CaptureFi
     settings = parse_settings({"node": {"data_dir": str(tmp_path)}}, tmp_path)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    logging.captureWarnings(False)  # pytest's per-test warning recorder replaced an earlier capture
     try:
-        cli.setup_logging(settings)
-        source = rg1()
-        source.PatientName = "ward"
-        source.ReferringPhysicianName = "ward"
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            logging.captureWarnings(True)
+            cli.setup_logging(settings)
+            source = rg1()
+            source.PatientName = "ward"
+            source.ReferringPhysicianName = "ward"
             build_sr(source, prediction())
             warnings.warn("person name 'ward' has no caret", UserWarning, stacklevel=1)
         logging.getLogger("highdicom.base").warning('value of "patient_name": "ward"')

@@ -89,13 +89,16 @@ def _check_login(request: Request, name: str, password: str) -> tuple[str, str |
                      "throttled: too many failures from this browser" if device
                      else f"throttled: too many failures from {client}")
         return "throttled", None, ""
+    if device is None:
+        with Session(ctx.engine) as session, session.begin():
+            if ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
+                audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
+                return "locked", None, ""
+    user_id = ctx.sessions.authenticate(ctx.engine, name, password)  # slow; no transaction open
     with Session(ctx.engine) as session, session.begin():
-        if device is None and ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
-            audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
-            return "locked", None, ""
-        user = ctx.sessions.authenticate(session, name, password)
         audit.record(session, name or "-", "login", "user", name,
-                     audit.SUCCESS if user else audit.FAILURE, KNOWN_DEVICE if device else "")
+                     audit.SUCCESS if user_id else audit.FAILURE, KNOWN_DEVICE if device else "")
+        user = session.get(User, user_id) if user_id is not None else None
         if user is None:
             ctx.throttle.failed(client, device)
             return "wrong", None, ""
