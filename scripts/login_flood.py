@@ -87,7 +87,7 @@ def flood(base: str, stop: threading.Event, counts: dict[str, int], lock: thread
 
 def summary(times: list[float]) -> str:
     times = sorted(times)
-    p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+    p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
     return f"n={len(times):3d} median {statistics.median(times):.3f} s  p95 {p95:.3f} s  max {times[-1]:.3f} s"
 
 

@@ -23,7 +23,15 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from osteo_node import migrate
-from osteo_node.db import DxaResult, Instance, Referral, ReferralEvent, Result, make_engine, utcnow
+from osteo_node.db import (
+    DxaResult,
+    Instance,
+    Referral,
+    ReferralEvent,
+    Result,
+    make_engine,
+    utcnow,
+)
 from osteo_node.web.auth import add_user
 
 PASSWORD = "correct horse battery"
@@ -117,7 +125,7 @@ def main() -> None:
                 if i >= 2:
                     times.append(elapsed)
             times.sort()
-            p95 = times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+            p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
             print(f"{name:36} {statistics.median(times):9.3f} {p95:7.3f} {times[-1]:7.3f}")
         engine.dispose()
 

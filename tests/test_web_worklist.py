@@ -99,7 +99,7 @@ def test_who_to_call_shows_phone_or_says_it_is_missing(app, engine: Engine) -> N
 def test_contact_attempts_notes_appointment_and_assignment(app, engine: Engine) -> None:  # noqa: F811
     (rid,) = add_referrals(engine, 1)
     c, token = login(app)
-    post = lambda path, **data: c.post(f"/referrals/{rid}/{path}", data={"csrf_token": token, **data})  # noqa: E731
+    post = lambda path, **data: c.post(f"/referrals/{rid}/{path}", data={"csrf_token": token, **data})
     assert post("contact", outcome="no answer", note="tried at 9:10").status_code == 303
     assert post("contact", outcome="hung up").status_code == 400
     assert post("note", note="prefers mornings; speaks Italian").status_code == 303

@@ -19,10 +19,25 @@ from starlette.datastructures import FormData
 
 from .. import audit
 from ..db import User, utcnow
-from .auth import (KNOWN_DEVICE, MAX_FAILED_LOGINS, AuthError, SignedIn, change_own_password,
-                   csrf_ok)
-from .deps import (DEVICE_COOKIE, LOGIN_COOKIE, SESSION_COOKIE, checked_form, client_address,
-                   context, coordinator, message, page)
+from .auth import (
+    KNOWN_DEVICE,
+    MAX_FAILED_LOGINS,
+    AuthError,
+    SignedIn,
+    change_own_password,
+    csrf_ok,
+)
+from .deps import (
+    DEVICE_COOKIE,
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    checked_form,
+    client_address,
+    context,
+    coordinator,
+    message,
+    page,
+)
 
 router = APIRouter()
 LOGIN_TOKEN_S = 900
@@ -85,9 +100,12 @@ def _check_login(request: Request, name: str, password: str) -> tuple[str, str |
     client = client_address(request)
     device = ctx.sessions.known_device(request.cookies.get(DEVICE_COOKIE), name)
     if ctx.throttle.retry_after(client, device):
-        audit.record(ctx.engine, name or "-", "login", "user", name, audit.DENIED,
-                     "throttled: too many failures from this browser" if device
-                     else f"throttled: too many failures from {client}")
+        if ctx.throttle.report_due(client, device):  # audited once a minute per client
+            audit.record(ctx.engine, name or "-", "login", "user", name, audit.DENIED,
+                         "throttled: too many failures from this browser (further refusals "
+                         "within a minute not recorded)" if device else
+                         f"throttled: too many failures from {client} (further refusals within "
+                         "a minute not recorded)")
         return "throttled", None, ""
     if device is None:
         with Session(ctx.engine) as session, session.begin():
@@ -119,16 +137,17 @@ async def login(request: Request) -> Response:
         return login_page(request, "login_form_expired", 403, name=name, resume=resume)
     code, signed_in_as, cookie = await run_in_threadpool(_check_login, request, name, password)
     if signed_in_as is None:
-        response = login_page(request, code, 429 if code == "throttled" else 401, name=name,
-                              resume=resume)
+        refused = login_page(request, code, 429 if code == "throttled" else 401, name=name,
+                             resume=resume)
         if code == "throttled":
-            response.headers["Retry-After"] = str(LOGIN_TOKEN_S)
-        return response
+            refused.headers["Retry-After"] = str(LOGIN_TOKEN_S)
+        return refused
     kept = read_resume(request, resume, signed_in_as)
+    response: Response
     if kept is not None:
         with Session(ctx.engine) as session:
             signed = ctx.sessions.current(session, cookie)
-        response: Response = page(request, "resume.html", signed, path=kept["path"],
+        response = page(request, "resume.html", signed, path=kept["path"],
                                   fields=kept["fields"])
     else:
         response = RedirectResponse("/referrals", status_code=303)

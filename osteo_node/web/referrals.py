@@ -32,8 +32,18 @@ from ..db import Referral, Result, User, utcnow
 from ..records import CLASS_NAMES
 from ..refer import STATUSES
 from .auth import SignedIn
-from .deps import (FILTER_KEYS, ReferralId, checked_form, context, coordinator, filters_from,
-                   message, page, parse_date, parse_page)
+from .deps import (
+    FILTER_KEYS,
+    ReferralId,
+    checked_form,
+    context,
+    coordinator,
+    filters_from,
+    message,
+    page,
+    parse_date,
+    parse_page,
+)
 
 router = APIRouter()
 #: Success notices a redirect may ask for (?done=CODE); never free text.
