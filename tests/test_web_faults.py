@@ -176,12 +176,12 @@ def test_cli_user_unlock_reset_passwd(tmp_path: Path, monkeypatch: pytest.Monkey
     assert run("unlock", "nobody") == 1
     from osteo_node.db import make_engine
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'osteo-node.sqlite3'}")
-    with Session(engine) as session:
+    node_db = make_engine(f"sqlite:///{tmp_path / 'var' / 'osteo-node.sqlite3'}")
+    with Session(node_db) as session:
         user = session.scalar(select(User).where(User.name == "ann"))
         assert user is not None and auth.verify_password(user.password_hash, PASSWORD)
-    assert [e.action for e in events(engine, "user.unlock")] == ["user.unlock"]
-    engine.dispose()
+    assert [e.action for e in events(node_db, "user.unlock")] == ["user.unlock"]
+    node_db.dispose()
 
 
 @pytest.mark.parametrize("password", ["password1234", "aaaaaaaaaaaaaaaa", "qwertyuiopasdf",
@@ -258,14 +258,14 @@ def test_no_person_name_reaches_the_log(tmp_path: Path, capsys: pytest.CaptureFi
 
     from osteo_node.encode import build_sr
 
-    settings = parse_settings({"node": {"data_dir": str(tmp_path)}}, tmp_path)
+    node_settings = parse_settings({"node": {"data_dir": str(tmp_path)}}, tmp_path)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     logging.captureWarnings(False)  # pytest's per-test warning recorder replaced an earlier capture
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            cli.setup_logging(settings)
+            cli.setup_logging(node_settings)
             source = rg1()
             source.PatientName = "ward"
             source.ReferringPhysicianName = "ward"
