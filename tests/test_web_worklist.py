@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import io
 import re
+from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
@@ -189,3 +190,23 @@ def test_admin_changes_roles_but_not_their_own(app, engine: Engine) -> None:  # 
     c, _ = login(app, "coord")
     assert c.get("/admin/users").status_code == 200
     assert client(app).get("/account").status_code == 303  # anonymous
+
+
+def test_secondary_capture_png_is_the_stored_pixels(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    from test_encode import display_and_heat, prediction, synthetic_dx
+
+    from osteo_node.encode import build_sc, to_bytes
+    from osteo_node.records import Heatmap
+    from osteo_node.web.referrals import secondary_capture_png
+
+    display, heat = display_and_heat()
+    sc = build_sc(synthetic_dx(), display, Heatmap(heat), prediction())
+    path = tmp_path / "sc.dcm"
+    path.write_bytes(to_bytes(sc))
+    png = Image.open(io.BytesIO(secondary_capture_png(path)))
+    assert png.mode == "RGB" and png.size == (sc.Columns, sc.Rows)
+    assert np.array_equal(np.asarray(png), sc.pixel_array)
+    with pytest.raises(FileNotFoundError):
+        secondary_capture_png(tmp_path / "gone.dcm")
