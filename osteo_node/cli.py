@@ -232,8 +232,15 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
 
     from . import audit
     from .db import User
-    from .web.auth import (AuthError, add_user, change_own_password, find_user, set_disabled,
-                           set_password, unlock)
+    from .web.auth import (
+        AuthError,
+        add_user,
+        change_own_password,
+        find_user,
+        set_disabled,
+        set_password,
+        unlock,
+    )
 
     engine = _web_engine(settings)
     if args.action == "list":

@@ -5,6 +5,7 @@ it to completed, enters the DXA result and exports the worklist. Screenshots: te
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import io
 import os
 import threading
@@ -137,12 +138,14 @@ def test_coordinator_works_a_referral_in_chromium(settings: Settings, server: st
             page.screenshot(path=str(ARTIFACTS / "referral-new.png"), full_page=True)
 
             for status in ("contacted", "scheduled", "completed"):
+                if status == "scheduled":
+                    page.fill("#appointment-date", dt.date.today().isoformat())
                 page.click(f"#to-{status}")
                 page.wait_for_load_state()
                 assert page.inner_text("#status") == status
             page.fill("input[name=lumbar_spine]", "-2.8")
             page.fill("input[name=femoral_neck]", "-2.1")
-            page.fill("input[name=dxa_date]", "2026-02-02")
+            page.fill("input[name=dxa_date]", dt.date.today().isoformat())
             page.click("#save-dxa")
             page.wait_for_selector("#dxa-result")
             assert "osteoporosis" in page.inner_text("#dxa-result")

@@ -19,8 +19,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
-from test_web import (PASSWORD, add_referrals, app, client, csrf_of, engine, login,  # noqa: F401
-                      settings)
+from test_web import (  # noqa: F401
+    PASSWORD,
+    add_referrals,
+    app,
+    client,
+    csrf_of,
+    engine,
+    login,
+    settings,
+)
 
 from osteo_node import cli, worklist
 from osteo_node.config import Settings, parse_settings
@@ -74,11 +82,11 @@ def test_password_checks_run_off_the_event_loop(app, monkeypatch: pytest.MonkeyP
 
 def test_one_client_flooding_logins_is_throttled_without_hashing(
         settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    app = create_app(settings, engine=engine, throttle=LoginThrottle(per_client=3))
+    throttled_app = create_app(settings, engine=engine, throttle=LoginThrottle(per_client=3))
     calls = []
     real = auth.verify_password
     monkeypatch.setattr(auth, "verify_password", lambda h, p: calls.append(1) or real(h, p))
-    c = client(app)
+    c = client(throttled_app)
     for i in range(3):
         assert try_login(c, "coord", f"wrong{i}") == 401
     token = csrf_of(c.get("/login").text)
@@ -126,7 +134,7 @@ def test_admin_unlocks_resets_and_the_user_changes_their_password(app, engine: E
         coord_id = session.scalar(select(User.id).where(User.name == "coord"))
     assert "locked" in boss.get("/admin/users").text
     assert boss.post(f"/admin/users/{coord_id}/unlock", data={"csrf_token": token}).status_code == 303
-    c, ctoken = login(app, "coord")  # a new browser signs in again
+    c, _ = login(app, "coord")  # a new browser signs in again
     weak = boss.post(f"/admin/users/{coord_id}/password", data={"csrf_token": token, "password": "password1234"})
     assert weak.status_code == 400 and "too easy to guess" in weak.text
     assert boss.post(f"/admin/users/{coord_id}/password",
@@ -168,12 +176,12 @@ def test_cli_user_unlock_reset_passwd(tmp_path: Path, monkeypatch: pytest.Monkey
     assert run("unlock", "nobody") == 1
     from osteo_node.db import make_engine
 
-    engine = make_engine(f"sqlite:///{tmp_path / 'var' / 'osteo-node.sqlite3'}")
-    with Session(engine) as session:
+    node_db = make_engine(f"sqlite:///{tmp_path / 'var' / 'osteo-node.sqlite3'}")
+    with Session(node_db) as session:
         user = session.scalar(select(User).where(User.name == "ann"))
         assert user is not None and auth.verify_password(user.password_hash, PASSWORD)
-    assert [e.action for e in events(engine, "user.unlock")] == ["user.unlock"]
-    engine.dispose()
+    assert [e.action for e in events(node_db, "user.unlock")] == ["user.unlock"]
+    node_db.dispose()
 
 
 @pytest.mark.parametrize("password", ["password1234", "aaaaaaaaaaaaaaaa", "qwertyuiopasdf",
@@ -250,17 +258,17 @@ def test_no_person_name_reaches_the_log(tmp_path: Path, capsys: pytest.CaptureFi
 
     from osteo_node.encode import build_sr
 
-    settings = parse_settings({"node": {"data_dir": str(tmp_path)}}, tmp_path)
+    node_settings = parse_settings({"node": {"data_dir": str(tmp_path)}}, tmp_path)
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    logging.captureWarnings(False)  # pytest's per-test warning recorder replaced an earlier capture
     try:
-        cli.setup_logging(settings)
-        source = rg1()
-        source.PatientName = "ward"
-        source.ReferringPhysicianName = "ward"
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            logging.captureWarnings(True)
+            cli.setup_logging(node_settings)
+            source = rg1()
+            source.PatientName = "ward"
+            source.ReferringPhysicianName = "ward"
             build_sr(source, prediction())
             warnings.warn("person name 'ward' has no caret", UserWarning, stacklevel=1)
         logging.getLogger("highdicom.base").warning('value of "patient_name": "ward"')

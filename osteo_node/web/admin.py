@@ -12,8 +12,17 @@ from starlette.datastructures import FormData
 
 from .. import audit
 from ..db import User, utcnow
-from .auth import (MAX_FAILED_LOGINS, ROLES, AuthError, SignedIn, add_user, set_disabled, set_password, set_role,
-                   unlock)
+from .auth import (
+    MAX_FAILED_LOGINS,
+    ROLES,
+    AuthError,
+    SignedIn,
+    add_user,
+    set_disabled,
+    set_password,
+    set_role,
+    unlock,
+)
 from .deps import admin, admin_form, bad_request, context, page, parse_date, parse_page
 
 router = APIRouter(prefix="/admin")

@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from itsdangerous import URLSafeTimedSerializer
 from sqlalchemy.engine import Engine
@@ -31,7 +31,7 @@ from ..store import FileStore
 from . import admin, login, performance, referrals
 from .auth import LoginThrottle, Sessions
 from .deps import HERE, NotSignedIn, WebContext
-from .login import login_page, resume_token
+from .login import expired_form_page
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     async def security_headers(request: Request, call_next: Callable[..., Any]) -> Response:
         try:
             response: Response = await call_next(request)
-        except Exception as exc:  # an unexpected fault: a page with the headers, not a bare 500
+        except Exception as exc:  # noqa: BLE001 - last resort: a page with the headers, not a bare 500
             # the frames, not the message: an exception's text may quote patient data
             log.error("web: %s %s failed: %s\n%s", request.method, request.url.path,
                       type(exc).__name__, "".join(traceback.format_tb(exc.__traceback__)))
@@ -131,8 +131,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     async def not_signed_in(request: Request, _exc: NotSignedIn) -> Response:
         if request.method == "GET":
             return RedirectResponse("/login", status_code=303)
-        resume = resume_token(request, await request.form())
-        return login_page(request, "session_expired" if resume else "", 401, resume=resume)
+        return expired_form_page(request, await request.form())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

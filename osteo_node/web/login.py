@@ -19,10 +19,25 @@ from starlette.datastructures import FormData
 
 from .. import audit
 from ..db import User, utcnow
-from .auth import (KNOWN_DEVICE, MAX_FAILED_LOGINS, AuthError, SignedIn, change_own_password,
-                   csrf_ok)
-from .deps import (DEVICE_COOKIE, LOGIN_COOKIE, SESSION_COOKIE, checked_form, client_address,
-                   context, coordinator, message, page)
+from .auth import (
+    KNOWN_DEVICE,
+    MAX_FAILED_LOGINS,
+    AuthError,
+    SignedIn,
+    change_own_password,
+    csrf_ok,
+)
+from .deps import (
+    DEVICE_COOKIE,
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    checked_form,
+    client_address,
+    context,
+    coordinator,
+    message,
+    page,
+)
 
 router = APIRouter()
 LOGIN_TOKEN_S = 900
@@ -43,17 +58,19 @@ def login_page(request: Request, code: str = "", status_code: int = 200, *, name
     return response
 
 
-def resume_token(request: Request, form: FormData) -> str:
-    """A signed copy of a form posted with an expired session, when it provably came from our
-    own page (its CSRF token is that session's); "" otherwise."""
+def expired_form_page(request: Request, form: FormData) -> HTMLResponse:
+    """The answer to a form posted after the session expired: the login page, carrying a signed
+    copy of the form when it provably came from our own page (its CSRF token is the expired
+    session's), so that it can be submitted again after signing in."""
     ctx = context(request)
     with Session(ctx.engine) as session:
         stale = ctx.sessions.stale_csrf(session, request.cookies.get(SESSION_COOKIE))
     if stale is None or not csrf_ok(stale[1], form.get("csrf_token")):  # type: ignore[arg-type]
-        return ""
+        return login_page(request, "", 401)
     fields = [(k, v) for k, v in form.multi_items() if k != "csrf_token" and isinstance(v, str)]
-    return str(ctx.login_tokens.dumps({"user": stale[0], "path": request.url.path,
-                                       "fields": fields[:40]}, salt="osteo-node-resume"))
+    resume = str(ctx.login_tokens.dumps({"user": stale[0], "path": request.url.path,
+                                         "fields": fields[:40]}, salt="osteo-node-resume"))
+    return login_page(request, "session_expired", 401, name=stale[0], resume=resume)
 
 
 def read_resume(request: Request, token: str, name: str) -> dict[str, Any] | None:
@@ -83,17 +100,23 @@ def _check_login(request: Request, name: str, password: str) -> tuple[str, str |
     client = client_address(request)
     device = ctx.sessions.known_device(request.cookies.get(DEVICE_COOKIE), name)
     if ctx.throttle.retry_after(client, device):
-        audit.record(ctx.engine, name or "-", "login", "user", name, audit.DENIED,
-                     "throttled: too many failures from this browser" if device
-                     else f"throttled: too many failures from {client}")
+        if ctx.throttle.report_due(client, device):  # audited once a minute per client
+            audit.record(ctx.engine, name or "-", "login", "user", name, audit.DENIED,
+                         "throttled: too many failures from this browser (further refusals "
+                         "within a minute not recorded)" if device else
+                         f"throttled: too many failures from {client} (further refusals within "
+                         "a minute not recorded)")
         return "throttled", None, ""
+    if device is None:
+        with Session(ctx.engine) as session, session.begin():
+            if ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
+                audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
+                return "locked", None, ""
+    user_id = ctx.sessions.authenticate(ctx.engine, name, password)  # slow; no transaction open
     with Session(ctx.engine) as session, session.begin():
-        if device is None and ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
-            audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
-            return "locked", None, ""
-        user = ctx.sessions.authenticate(session, name, password)
         audit.record(session, name or "-", "login", "user", name,
-                     audit.SUCCESS if user else audit.FAILURE, KNOWN_DEVICE if device else "")
+                     audit.SUCCESS if user_id else audit.FAILURE, KNOWN_DEVICE if device else "")
+        user = session.get(User, user_id) if user_id is not None else None
         if user is None:
             ctx.throttle.failed(client, device)
             return "wrong", None, ""
@@ -114,16 +137,17 @@ async def login(request: Request) -> Response:
         return login_page(request, "login_form_expired", 403, name=name, resume=resume)
     code, signed_in_as, cookie = await run_in_threadpool(_check_login, request, name, password)
     if signed_in_as is None:
-        response = login_page(request, code, 429 if code == "throttled" else 401, name=name,
-                              resume=resume)
+        refused = login_page(request, code, 429 if code == "throttled" else 401, name=name,
+                             resume=resume)
         if code == "throttled":
-            response.headers["Retry-After"] = str(LOGIN_TOKEN_S)
-        return response
+            refused.headers["Retry-After"] = str(LOGIN_TOKEN_S)
+        return refused
     kept = read_resume(request, resume, signed_in_as)
+    response: Response
     if kept is not None:
         with Session(ctx.engine) as session:
             signed = ctx.sessions.current(session, cookie)
-        response: Response = page(request, "resume.html", signed, path=kept["path"],
+        response = page(request, "resume.html", signed, path=kept["path"],
                                   fields=kept["fields"])
     else:
         response = RedirectResponse("/referrals", status_code=303)

@@ -33,8 +33,18 @@ from ..records import CLASS_NAMES
 from ..refer import STATUSES
 from . import performance
 from .auth import SignedIn
-from .deps import (FILTER_KEYS, ReferralId, checked_form, context, coordinator, filters_from,
-                   message, page, parse_date, parse_page)
+from .deps import (
+    FILTER_KEYS,
+    ReferralId,
+    checked_form,
+    context,
+    coordinator,
+    filters_from,
+    message,
+    page,
+    parse_date,
+    parse_page,
+)
 
 router = APIRouter()
 #: Success notices a redirect may ask for (?done=CODE); never free text.
