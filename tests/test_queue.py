@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from sqlalchemy import update
@@ -45,6 +47,45 @@ def test_received_instance_gets_one_job_and_duplicates_none(queue: Queue) -> Non
     _, none_job = queue.record_received(received("1.2.3.5", eligible=False))
     assert none_job is None
     assert queue.is_known("1.2.3.5")
+
+
+def test_concurrent_records_share_commits_and_keep_duplicates_apart(
+    queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: calls that arrive while a commit is under way are committed together, each
+    caller gets its own ids; a UID twice in one group still makes one instance and one job."""
+    groups: list[int] = []
+    real_insert = queue._insert
+
+    def slow_insert(group: list[Received]) -> list[tuple[int, int | None]]:
+        groups.append(len(group))
+        time.sleep(0.05)  # a slow flush: the other callers queue up meanwhile
+        return real_insert(group)
+
+    monkeypatch.setattr(queue, "_insert", slow_insert)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(queue.record_received, [received(f"1.2.3.{i}") for i in range(8)]))
+        assert len({instance_id for instance_id, _ in results}) == 8 and all(job for _, job in results)
+        assert len(groups) < 8 and max(groups) > 1  # fewer commits than calls
+        # a known UID beside a new one (a group with it is redone one insert at a time)
+        again, new = pool.map(queue.record_received, [received("1.2.3.0"), received("1.2.3.9")])
+    assert again == (results[0][0], None) and new[1] is not None
+    assert queue.counts()[QUEUED] == 9
+
+
+def test_a_lost_file_puts_its_failed_infer_job_back(queue: Queue) -> None:
+    instance_id, job_id = queue.record_received(received("1.2.3.4"))
+    job = queue.claim("w1", lease_s=60)
+    assert job is not None and job.id == job_id
+    queue.fail(job, "file not found", POLICY, permanent=True)
+    known = queue.known("1.2.3.4")
+    assert known is not None and (known.instance_id, known.eligible, known.purged) == (instance_id, True, False)
+    queue.retry_infer(instance_id)
+    assert queue.counts()[QUEUED] == 1 and queue.counts()[FAILED] == 0
+    again = queue.claim("w2", lease_s=60)
+    assert again is not None and again.id == job_id and again.attempts == 1
+    queue.retry_infer(instance_id)  # running: left alone
+    assert queue.counts()[RUNNING] == 1
 
 
 def test_claim_lease_complete_and_send_jobs(queue: Queue) -> None:

@@ -22,7 +22,7 @@ from osteo_node.config import DicomSettings
 from osteo_node.db import Instance, Job, make_engine
 from osteo_node.eligibility import EligibilityRules
 from osteo_node.housekeeping import STALE_TMP_S
-from osteo_node.queue import Queue
+from osteo_node.queue import Queue, RetryPolicy
 from osteo_node.receive import ReceiveLimits, start_receiver
 from osteo_node.store import FileStore
 
@@ -136,6 +136,26 @@ def test_duplicate_instance_creates_no_second_job(node: Node) -> None:
     assert storescu(node.port, chest) == ["Success"]
     assert storescu(node.port, chest) == ["Success"]
     assert node.job_count() == 1 and len(node.instances()) == 1
+
+
+def test_an_instance_whose_file_was_lost_is_stored_again(node: Node) -> None:
+    """A power loss can leave a committed instance whose rename never reached the disk
+    (FileStore.adopt syncs the folder and commits at once). The sender got no answer and sends
+    the image again: this copy is stored in the lost file's place and its failed job queued again,
+    instead of being answered as a duplicate of an image the node no longer has."""
+    from osteo_node.queue import FAILED, QUEUED
+
+    chest = Path(get_testdata_file("RG1_UNCR.dcm"))
+    assert storescu(node.port, chest) == ["Success"]
+    (instance,) = node.instances().values()
+    node.store.absolute(instance.path).unlink()  # the rename lost
+    job = node.queue.claim("worker", lease_s=60)
+    assert job is not None
+    node.queue.fail(job, "file not found", RetryPolicy(3, 1, 1), permanent=True)
+    assert node.queue.counts()[FAILED] == 1
+    assert storescu(node.port, chest) == ["Success"]
+    assert dcmread(node.store.absolute(instance.path)).PixelData == dcmread(chest).PixelData
+    assert node.queue.counts()[QUEUED] == 1 and node.job_count() == 1 and len(node.instances()) == 1
 
 
 def _send_raw(port: int, path: Path, sop_class: str) -> int | None:
