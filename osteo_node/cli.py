@@ -183,11 +183,11 @@ def cmd_user(settings: Settings, args: argparse.Namespace) -> int:
             print(f"osteo-node user {args.action}: a user name is required", file=sys.stderr)
             return 2
         if args.action == "disable":
-            user = session.scalar(select(User).where(User.name == args.name))
-            if user is None:
+            found = session.scalar(select(User).where(User.name == args.name))
+            if found is None:
                 print(f"no user {args.name!r}", file=sys.stderr)
                 return 1
-            user.disabled = True
+            found.disabled = True
             audit.record(session, "cli", "user.disable", "user", args.name)
             print(f"user {args.name} disabled")
             return 0

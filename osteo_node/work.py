@@ -37,10 +37,10 @@ from . import audit, pipeline, results
 from .config import Settings
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
+from .flow import INFER, STEPS
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
-from .flow import INFER, STEPS
 from .queue import JobRecord, Outcome, Queue, RetryPolicy
 from .refer import PatientStudy, refer
 from .send import send_files

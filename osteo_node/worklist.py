@@ -20,8 +20,7 @@ from . import audit
 from .codes import CATEGORY_CODES, DXA_LOINC, DXA_SNOMED
 from .db import Referral, ReferralEvent, utcnow
 from .records import CLASS_NAMES, category_from_t_score
-from .refer import (COMPLETED, CONTACTED, DECLINED, DISMISSED, NEW, OPEN_STATUSES, SCHEDULED,
-                    STATUSES)
+from .refer import COMPLETED, CONTACTED, DECLINED, DISMISSED, NEW, OPEN_STATUSES, SCHEDULED, STATUSES
 
 #: Allowed status changes; declined and dismissed need a reason.
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -84,8 +83,8 @@ def _filtered(filters: Filters):  # type: ignore[no-untyped-def]
 
 
 def _ordered(query, filters: Filters):  # type: ignore[no-untyped-def]
-    key = {"date": Referral.created_at, "risk": Referral.p_osteoporosis, "age": Referral.age}[filters.sort]
-    key = key.desc() if filters.descending else key.asc()
+    column = {"date": Referral.created_at, "risk": Referral.p_osteoporosis, "age": Referral.age}[filters.sort]
+    key = column.desc() if filters.descending else column.asc()
     tie = Referral.id.desc() if filters.descending else Referral.id.asc()
     return query.order_by(key, tie)
 

@@ -35,8 +35,7 @@ from ..db import AuditEvent, Referral, Result, User, make_engine, utcnow
 from ..records import CLASS_NAMES
 from ..refer import STATUSES
 from ..store import FileStore
-from .auth import (ADMIN, MAX_FAILED_LOGINS, ROLES, AuthError, Sessions, SignedIn, add_user,
-                   csrf_ok)
+from .auth import ADMIN, MAX_FAILED_LOGINS, ROLES, AuthError, Sessions, SignedIn, add_user, csrf_ok
 
 log = logging.getLogger(__name__)
 
