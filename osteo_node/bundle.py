@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,6 +41,10 @@ from osteo_node.manifest import (  # noqa: F401
     BUNDLES_DIR, MANIFEST, REFERENCE_COMMAND, read_manifest, resolve_bundle_path)
 from osteo_node.model import CamChoice, Classifier, ModelSpec, build_classifier, cam_target
 from osteo_node.records import CLASS_NAMES, ModelIdentity
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 from osteo_node.uids import new_uid
 
 logger = logging.getLogger(__name__)
@@ -131,10 +135,11 @@ def export_bundle(
     is_peft = callable(getattr(backbone, "get_base_model", None))
     if embed_backbone:
         # the base weights without LoRA layers; the adapters go to adapter/
-        base = copy.deepcopy(backbone).unload() if is_peft else backbone
-        base.save_pretrained(tmp / BACKBONE_DIR, safe_serialization=True)
+        # (casts: nn.Module types its attributes as Tensor | Module)
+        base = cast("PeftModel", copy.deepcopy(backbone)).unload() if is_peft else backbone
+        cast("PreTrainedModel", base).save_pretrained(tmp / BACKBONE_DIR, safe_serialization=True)
     if is_peft:
-        backbone.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)
+        cast("PeftModel", backbone).save_pretrained(str(tmp / ADAPTER_DIR), safe_serialization=True)
     head_state = {k: v.detach().cpu().contiguous() for k, v in classifier.head.state_dict().items()}
     save_file(head_state, str(tmp / HEAD_FILE))
     if model_card_md is not None:
@@ -225,7 +230,7 @@ def load_bundle(name_or_path: str | Path, device: str = "cpu", *, merged: bool =
         classifier = build_classifier(spec, local_files_only=True, adapter_dir=adapter)
         classifier.head.load_state_dict(load_file(str(path / HEAD_FILE)))
         if merged and adapter is not None:
-            classifier.backbone = classifier.backbone.merge_and_unload()
+            classifier.backbone = cast("PeftModel", classifier.backbone).merge_and_unload()
     except BundleError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:

@@ -113,7 +113,7 @@ def build_sr(
     source_uid = str(source.SOPInstanceUID)
 
     observer = ObserverContext(
-        observer_type=codes.OBSERVER_DEVICE,
+        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_DEVICE),
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=model.device_uid,
             name=model.name,
@@ -464,7 +464,7 @@ def build_sc(
             f"source {source.get('SOPInstanceUID')} lacks an attribute needed for the SC: {exc}"
         ) from exc
     if orientation is None:
-        sc.PatientOrientation = None  # Type 2: unknown, rather than a guessed orientation
+        sc.add_new("PatientOrientation", "CS", None)  # Type 2: unknown, rather than a guessed orientation
     sc.BurnedInAnnotation = "YES"
     # from_ref_dataset copies neither BodyPartExamined nor Laterality; Laterality (Type 2C,
     # General Series) is passed above when the source knows it and left absent otherwise,
@@ -582,8 +582,7 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap, prediction: Prediction
     label_h = line_h
     bar_top, bar_bottom = label_h + 4, max(label_h + 12, rows - 2 * label_h - 4)
     # The ramp spans the drawn range [HEAT_FLOOR, 1]; below the floor the image stays gray.
-    ramp = np.round(np.linspace(255, 255 * HEAT_FLOOR, bar_bottom - bar_top))
-    ramp = ramp.astype(np.uint8)[:, None]
+    ramp = np.round(np.linspace(255, 255 * HEAT_FLOOR, bar_bottom - bar_top)).astype(np.uint8)[:, None]
     bar = cv2.cvtColor(cv2.applyColorMap(np.repeat(ramp, bar_w, axis=1), cv2.COLORMAP_JET),
                        cv2.COLOR_BGR2RGB)
     bar_x = cols + (legend_w - bar_w) // 2
@@ -593,7 +592,7 @@ def render_overlay(display: np.ndarray, heatmap: Heatmap, prediction: Prediction
     draw.text((cols + legend_w // 2, bar_bottom + 2), "low", font=font, fill=white, anchor="ma")
     label_font = font
     while label_font.size > 8 and probe.textlength("attention", font=label_font) > legend_w - 2:
-        label_font = _font(label_font.size - 1)
+        label_font = _font(int(label_font.size) - 1)
     draw.text((cols + legend_w // 2, bar_bottom + 2 + line_h), "attention", font=label_font,
               fill=white, anchor="ma")
 

@@ -228,6 +228,13 @@ def _core(backbone: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else backbone
 
 
+def _hf_config(backbone: nn.Module) -> Any:
+    """The transformers config of a backbone. Typed Any: its keys depend on the family
+    (hidden_size, model_type, num_register_tokens ...), and nn.Module types attributes as
+    Tensor | Module."""
+    return _core(backbone).config
+
+
 def _tower(core: nn.Module) -> nn.Module:
     """The module holding embeddings/encoder (CLIP/SigLIP may nest them in `vision_model`)."""
     return getattr(core, "vision_model", core)
@@ -256,7 +263,7 @@ def _embedding_modules(backbone: nn.Module) -> list[nn.Module]:
 
 def num_prefix_tokens(backbone: nn.Module) -> int:
     """Tokens before the patch tokens: CLS (+ registers) for DINOv2, CLS for CLIP, none for SigLIP."""
-    config = _core(backbone).config
+    config = _hf_config(backbone)
     if config.model_type.startswith("siglip"):
         return 0
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
@@ -272,7 +279,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = backbone
-        config = _core(backbone).config
+        config = _hf_config(backbone)
         hidden = int(config.hidden_size)
         self._image_size = int(getattr(config, "image_size", spec.input_size))
         self._model_type = str(config.model_type)

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
@@ -69,9 +70,10 @@ def _read_received(path: Path, transfer_syntax: UID) -> Dataset:
 def _pixel_data_bytes(ds: Dataset) -> int:
     """How many Pixel Data bytes the file really holds (a truncated file holds fewer than the
     element's length says), without reading a deferred value."""
-    raw = ds.get_item("PixelData", keep_deferred=True)
-    if raw.value is not None:
-        return len(raw.value)
+    # pydicom types get_item as DataElement; with keep_deferred a deferred one is a RawDataElement.
+    raw = cast("DataElement | RawDataElement", ds.get_item("PixelData", keep_deferred=True))
+    if raw.value is not None or not isinstance(raw, RawDataElement):
+        return len(raw.value or b"")
     available = os.path.getsize(ds.filename) - raw.value_tell
     return max(0, min(raw.length, available))
 

@@ -40,7 +40,9 @@ def _no_delay(event: evt.Event) -> None:
     on, the data set's last partial segment waits for the ACK of the command, which the peer
     delays (up to 40 ms on Linux), on every C-STORE. dcm4che turns it off by default too.
     """
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:  # always set when the event fires
+        transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _associate(ae: AE, destination: Destination) -> Association:

@@ -46,10 +46,10 @@ from .db import Result
 from .dxa import ScreenedFacts
 from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
+from .flow import INFER, STEPS, shadow_runs
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
-from .flow import INFER, STEPS, shadow_runs
 from .queue import JobRecord, Outcome, Queue, RetryPolicy
 from .operating_point import bundle_thresholds
 from .refer import PatientStudy, refer

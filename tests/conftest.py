@@ -72,9 +72,10 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database per test: SQLite file, then the same test on PostgreSQL."""
+    """A fresh database per test: SQLite file, then the same test on PostgreSQL (a real server:
+    the integration tier)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'node.sqlite3'}"
     return str(request.getfixturevalue("postgres_url"))

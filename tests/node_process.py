@@ -51,7 +51,7 @@ class NodeProcess(processes.NodeProcess):
     def start(self, wait_for_echo: bool = True) -> "NodeProcess":
         super().start()
         if wait_for_echo:
-            self.wait_ready(lambda: echoscu(self.port), 90, "C-ECHO answer")
+            self.wait_ready(lambda: echoscu(self.port), 180, "C-ECHO answer")
         return self
 
     def http(self, path: str) -> tuple[int, str]:

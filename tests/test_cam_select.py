@@ -7,10 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_explain import OSTEO_TRAIN, ROOT, _tiny_bundle, phantoms  # noqa: F401 (fixture)
 
 from osteo_node.bundle import load_bundle
 from osteo_node.model import CamChoice
+
+#: osteo-train cam-select as a subprocess on phantoms rendered by another (tens of seconds each).
+pytestmark = pytest.mark.slow
 
 
 def test_cam_select_ranks_candidates_and_writes_the_winner(tmp_path: Path, phantoms: Path) -> None:  # noqa: F811

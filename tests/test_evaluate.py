@@ -21,6 +21,9 @@ METRIC_KEYS = ("macro_auc", "low_bmd_auc", "osteoporosis_auc", "accuracy")
 RATE_KEYS = ("sensitivity", "specificity", "ppv", "npv")
 
 
+#: Each test runs osteo-train on a fresh phantom cohort (subprocesses that load torch).
+pytestmark = pytest.mark.slow
+
 def osteo_train(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
                           timeout=timeout)

@@ -50,6 +50,7 @@ def _interval_ok(entry: dict) -> None:
     assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
 
 
+@pytest.mark.slow
 def test_explain_cli_json_and_report(tmp_path: Path, phantoms: Path) -> None:
     bundle = _tiny_bundle(tmp_path)
     out = tmp_path / "report"
@@ -90,6 +91,7 @@ def test_explain_cli_json_and_report(tmp_path: Path, phantoms: Path) -> None:
     assert json.loads((out / "explain.json").read_text())["n"] == 11
 
 
+@pytest.mark.slow
 def test_explain_cli_refuses_a_manifest_without_masks(tmp_path: Path, phantoms: Path) -> None:
     bundle = _tiny_bundle(tmp_path)
     lines = phantoms.read_text().splitlines()

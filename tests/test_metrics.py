@@ -66,6 +66,7 @@ def test_threshold_for_sensitivity() -> None:
 # --------------------------------------------------------------------------- bootstrap
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_contains_the_estimate_and_narrows_with_n() -> None:
     widths = []
     for n in (100, 1600):

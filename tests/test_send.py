@@ -11,7 +11,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from conftest import require_tool
-from osteo_node.bench import dcmtk_storescp
+from osteo_node.bench.dcmtk import Dcmtk
 from osteo_node.config import Destination
 from osteo_node.send import _associate, send_files
 
@@ -24,7 +24,7 @@ def test_sender_turns_nagle_off_and_stores(tmp_path: Path) -> None:
     require_tool("storescp")
     received = tmp_path / "pacs"
     received.mkdir()
-    with dcmtk_storescp(received) as port:
+    with Dcmtk.find().storescp_running(received) as port:
         destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
         ae = AE(ae_title="OSTEO_NODE")
         ae.add_requested_context(Verification)

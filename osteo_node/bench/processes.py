@@ -66,11 +66,13 @@ class NodeProcess:
                                f"{self.log()[-3000:]}")
 
     def wait_ready(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
-        """Poll `ready` until true; RuntimeError (with the log) when the process exits or time runs out."""
+        """Poll `ready` until true; RuntimeError (with the log) when the process exits or time
+        runs out, after stopping it (no process outlives a failed start)."""
         deadline = time.monotonic() + timeout
         while not ready():
             self.check()
             if time.monotonic() > deadline:
+                self.stop()
                 raise RuntimeError(f"osteo-node {self.command}: no {what} within {timeout:.0f} s:\n"
                                    f"{self.log()[-3000:]}")
             time.sleep(0.2)

@@ -1,6 +1,7 @@
 """Alembic environment: the URL comes from the caller (osteo_node.migrate), never from a file."""
 
 from alembic import context
+
 from osteo_node.db import Base, make_engine
 
 config = context.config
@@ -17,7 +18,10 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connectable = config.attributes.get("connection")
     if connectable is None:
-        engine = make_engine(config.get_main_option("sqlalchemy.url"))
+        url = config.get_main_option("sqlalchemy.url")
+        if url is None:
+            raise RuntimeError("alembic: sqlalchemy.url is not set (osteo_node.migrate.alembic_config sets it)")
+        engine = make_engine(url)
         with engine.connect() as connection:
             _run(connection)
         engine.dispose()

@@ -1,0 +1,3 @@
+from .base import BaseScheduler
+
+class BackgroundScheduler(BaseScheduler): ...
