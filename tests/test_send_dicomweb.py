@@ -80,13 +80,14 @@ def test_unreachable_server_is_a_send_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_url: str,
                                                       e2e_bundle: str) -> None:
-    """Orthanc down: the send job retries with backoff; Orthanc back: delivered exactly once."""
+    """Orthanc down: the send job retries with backoff; Orthanc back: SR, SC and KOS delivered
+    exactly once."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True, http_user=(USER, PASSWORD))
     config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle, pacs_port=0,
                           dicom={"port": node_port}, destinations=[{
                               "name": "vna", "kind": "dicomweb", "url": pacs.dicomweb_url,
-                              "auth": {"user": USER, "password": PASSWORD}}])
+                              "send": ["sr", "sc", "kos"], "auth": {"user": USER, "password": PASSWORD}}])
     node = NodeProcess(config).start()
     try:
         chest = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -98,7 +99,9 @@ def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_
         pacs.start()
         wait_for(lambda: jobs_done(database_url, 3), 120, "delivery once the PACS is back")
         classes = Counter(i["SOPClassUID"] for i in pacs.instances())
-        assert classes == Counter({"1.2.840.10008.5.1.4.1.1.88.34": 1, "1.2.840.10008.5.1.4.1.1.7": 1})
+        assert classes == Counter({"1.2.840.10008.5.1.4.1.1.88.34": 1,  # SR
+                                   "1.2.840.10008.5.1.4.1.1.7": 1,  # SC
+                                   "1.2.840.10008.5.1.4.1.1.88.59": 1})  # KOS
         sr = next(i for i in pacs.instances() if i["SOPClassUID"].endswith(".88.34"))
         assert sr["StudyInstanceUID"] == str(dcmread(chest, stop_before_pixels=True).StudyInstanceUID)
     finally:
