@@ -24,6 +24,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
@@ -42,7 +43,6 @@ from highdicom.sr import (
     TextContentItem,
     TrackingIdentifier,
 )
-from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -179,7 +179,7 @@ def _check_prediction(prediction: Prediction) -> None:
 def _device_observer(model: ModelIdentity) -> ObserverContext:
     """TID 1002 observer context: the model as a device observer."""
     return ObserverContext(
-        observer_type=codes.OBSERVER_DEVICE,
+        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_DEVICE),
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=model.device_uid,
             name=model.name,

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-
 from conftest import free_port
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
 from orthanc import Orthanc
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
 from osteo_node.config import Destination
 from osteo_node.errors import SendError
 from osteo_node.send import echo, send_files
@@ -55,8 +56,8 @@ def test_basic_auth_and_refusals_name_no_secret(tmp_path: Path) -> None:
         for auth, secret in (({"user": USER, "password": "wrong-password-1"}, "wrong-password-1"),
                              ({"token": "bearer-token-42"}, "bearer-token-42"), (None, PASSWORD)):
             bad = dicomweb(pacs, auth=auth)
-            for attempt in (lambda: echo(bad, "OSTEO_NODE"),
-                            lambda: send_files(bad, files(), "OSTEO_NODE")):
+            for attempt in (partial(echo, bad, "OSTEO_NODE"),
+                            partial(send_files, bad, files(), "OSTEO_NODE")):
                 with pytest.raises(SendError) as info:
                     attempt()
                 assert "HTTP 401" in str(info.value) and "authentication refused" in str(info.value)

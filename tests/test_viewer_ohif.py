@@ -16,14 +16,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from PIL import Image
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-
 from conftest import IN_CI, free_port
 from node_process import NodeProcess, jobs_done, wait_for, write_config
 from ohif import OhifServer, require_ohif
 from orthanc import Orthanc, require_dicomweb_plugin
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
 from osteo_node import codes
 from osteo_node.bundle import load_bundle
 from osteo_node.records import CLASS_NAMES
@@ -57,12 +57,14 @@ def expected_result(sr_bytes: bytes) -> tuple[str, float]:
 
 def _dismiss_onboarding(page: object) -> None:
     """OHIF's first-visit pop-ups (a guided tour, an investigational-use banner) cover the viewport."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for label in ("Skip all", "Confirm and hide"):
         button = page.get_by_role("button", name=label)  # type: ignore[attr-defined]
         try:
             button.first.click(timeout=15_000)
-        except Exception:  # not shown this time (already dismissed): nothing covers the viewport
-            pass
+        except PlaywrightTimeout:  # not shown this time: nothing covers the viewport
+            continue
 
 
 def _colour_fraction(png: bytes) -> float:
