@@ -10,7 +10,8 @@ code is standard):
 * DCM: 126000 Imaging Measurement Report (CID 7021, the only fitting TID 1500 title),
   109102 Processing Equipment (CID 7005, purpose of reference of the Contributing Equipment
   Sequence for an AI algorithm that processed the image; highdicom allows only CID 7005 values),
-  121007 Device (CID 270 observer type), 121106 Comment (the result in words, TEXT).
+  121007 Device (CID 270 observer type), 121106 Comment (the result in words, TEXT),
+  113000 Of Interest (CID 7010, the Key Object Selection title).
 * UCUM: "1" (no units) for probabilities, fractions and IoU: they are dimensionless ratios in
   [0, 1]; "%" is deliberately not used so that the three probabilities sum to exactly 1.
 * 99OSTEO: a private coding scheme (PS3.16 Section 8: private schemes start with "99") for the
@@ -99,6 +100,9 @@ PROCEDURE_REPORTED: Code = codes.SCT.ImagingProcedure
 FINDING_CATEGORY: Code = codes.SCT.AnatomicalStructure
 #: TID 1501 Finding Site: bones of the thorax seen on a chest radiograph.
 FINDING_SITE: Code = codes.SCT.BoneStructureOfThorax
+#: Key Object Selection document title (CID 7010): the source image is "Of Interest" because an
+#: AI result is available for it (the Key Object Description says which).
+KOS_TITLE: Code = codes.DCM.OfInterest
 #: TID 1002 Observer Type (CID 270): the algorithm is a device observer.
 OBSERVER_DEVICE: Code = codes.DCM.Device
 #: Contributing Equipment purpose of reference (CID 7005), used by IHE AIR for the algorithm.

@@ -211,7 +211,8 @@ class Destination(_Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     kind: Literal["dimse", "dicomweb"] = "dimse"
-    send: tuple[Literal["sr", "sc"], ...] = ("sr", "sc")
+    #: What is sent: "sr", "sc", and "kos" (the Key Object Selection, which references both).
+    send: tuple[Literal["sr", "sc", "kos"], ...] = ("sr", "sc")
     # kind = "dimse"
     ae_title: AETitle | None = None
     host: str | None = None
@@ -231,6 +232,9 @@ class Destination(_Section):
 
     @model_validator(mode="after")
     def _kind_keys(self) -> "Destination":
+        if "kos" in self.send and not {"sr", "sc"} <= set(self.send):
+            raise ValueError(f"send = {list(self.send)}: 'kos' references the SR and SC, so send "
+                             "them too (send = [\"sr\", \"sc\", \"kos\"])")
         dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
         web = {"url": self.url, "auth": self.auth, "ca": self.ca}
         if self.kind == "dimse":

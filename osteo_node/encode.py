@@ -1,4 +1,5 @@
-"""Encode a prediction as DICOM: a Comprehensive 3D SR and a Grad-CAM secondary capture.
+"""Encode a prediction as DICOM: a Comprehensive 3D SR, a Grad-CAM secondary capture and a
+Key Object Selection document flagging the source image.
 
 Both objects follow the IHE Radiology AI Results (AIR) profile conventions: the SR is a
 Comprehensive 3D SR whose root is TID 1500 "Measurement Report"; the algorithm is identified
@@ -23,6 +24,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
+from highdicom.ko import KeyObjectSelection, KeyObjectSelectionDocument
 from highdicom.sr import (
     AlgorithmIdentification,
     Comprehensive3DSR,
@@ -48,12 +50,14 @@ from osteo_node import codes
 from osteo_node.records import CAM_LABELS, CLASS_NAMES, BoneAttention, Heatmap, ModelIdentity, Prediction
 from osteo_node.uids import derived_uid
 
-#: Series Number / Instance Number of the outputs (fixed: one SR and one SC per source image).
+#: Series Number / Instance Number of the outputs (fixed: one SR, SC and KOS per source image).
 SR_SERIES_NUMBER = 9901
 SC_SERIES_NUMBER = 9902
+KOS_SERIES_NUMBER = 9903
 INSTANCE_NUMBER = 1
 SR_SERIES_DESCRIPTION = "osteo-node BMD screening (AI)"
 SC_SERIES_DESCRIPTION = "osteo-node BMD screening heatmap (AI)"
+KOS_SERIES_DESCRIPTION = "osteo-node AI result available"
 #: General Equipment of the objects we create (the node), as opposed to the model (contributing).
 CREATOR = "osteo-node"
 
@@ -61,8 +65,8 @@ CREATOR = "osteo-node"
 _SUM_TOLERANCE = 1e-4
 
 #: The disclaimers in words, short: a viewer prints them as labels beside the image.
-UNVERIFIED_TEXT = "AI result - unverified by a physician"
-NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE (trained on phantoms)"
+UNVERIFIED_TEXT = "Unverified AI result"
+NOT_CLINICAL_TEXT = "NOT FOR CLINICAL USE"
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,15 +116,7 @@ def build_sr(
     model = prediction.model
     source_uid = str(source.SOPInstanceUID)
 
-    observer = ObserverContext(
-        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_DEVICE),
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=model.device_uid,
-            name=model.name,
-            manufacturer_name=model.manufacturer,
-            model_name=_model_name(model),
-        ),
-    )
+    observer = _device_observer(model)
     groups = [_classification_group(source, prediction)]
     if attention is not None:
         groups.append(_attention_group(source, model, attention))
@@ -178,6 +174,19 @@ def _check_prediction(prediction: Prediction) -> None:
         raise ValueError(
             f"prediction.category must be one of {CLASS_NAMES}, got {prediction.category!r}"
         )
+
+
+def _device_observer(model: ModelIdentity) -> ObserverContext:
+    """TID 1002 observer context: the model as a device observer."""
+    return ObserverContext(
+        observer_type=hd.sr.CodedConcept.from_code(codes.OBSERVER_DEVICE),
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=model.device_uid,
+            name=model.name,
+            manufacturer_name=model.manufacturer,
+            model_name=_model_name(model),
+        ),
+    )
 
 
 def _model_name(model: ModelIdentity) -> str:
@@ -247,17 +256,18 @@ def _disclaimers(model: ModelIdentity) -> list[QualitativeEvaluation]:
 def summary_lines(prediction: Prediction) -> list[str]:
     """The result in words, one line each: prediction, probabilities, model, disclaimers.
 
-    Written into the SR as TEXT "Comment" items, in this order. OHIF labels a measurement group
-    with its comments first and at most five lines in all, so everything a reader needs fits
-    in the first five (four without the not-for-clinical-use line); it places the label to the
-    right of the outlined image, where lines of ~50 characters fit beside a chest radiograph.
+    Written into the SR as TEXT "Comment" items, in this order: the predicted category and its
+    probability, the other two probabilities, model name and version, the disclaimers. OHIF
+    labels a measurement group with its comments first and at most five lines in all, beside the
+    right edge of the outlined image; in a 1920 x 1080 window beside a square radiograph about
+    34 characters fit, so the lines stay short (the coded content carries the full concepts).
     """
     model = prediction.model
     probs = dict(zip(CLASS_NAMES, prediction.probabilities, strict=True))
     lines = [
-        f"AI prediction: {prediction.category} (p = {probs[prediction.category]:.2f})",
-        ", ".join(f"{name} {p:.2f}" for name, p in probs.items()),
-        f"Model: {model.name} {model.version} ({model.backbone}/{model.method})",
+        f"AI: {prediction.category} (p = {probs[prediction.category]:.2f})",
+        ", ".join(f"{name} {p:.2f}" for name, p in probs.items() if name != prediction.category),
+        f"Model: {model.name} {model.version}",
         UNVERIFIED_TEXT,
     ]
     if not model.clinical_use:
@@ -395,6 +405,61 @@ def _image_library_sources(source: pydicom.Dataset) -> list[pydicom.Dataset] | N
     if not source.get("ImagerPixelSpacing") or orientation is None or len(orientation) != 2:
         return None
     return [source]
+
+
+# --------------------------------------------------------------------------------------------
+# Key Object Selection
+# --------------------------------------------------------------------------------------------
+
+
+def build_kos(
+    source: pydicom.Dataset,
+    sr: pydicom.Dataset,
+    sc: pydicom.Dataset,
+    prediction: Prediction,
+) -> pydicom.Dataset:
+    """Key Object Selection document flagging the source image: "AI result available".
+
+    For PACS viewers that show key objects and nothing else (no SR rendering): document title
+    DCM 113000 "Of Interest" (CID 7010), the model as the device observer, a Key Object
+    Description in words (`kos_description`), and references to the source image, the SR and the
+    SC (all in the source study; send them to the same destination). UIDs are derived from the
+    source and the Device UID like the SR's and SC's, so a re-send is the same object.
+    """
+    _check_prediction(prediction)
+    model = prediction.model
+    source_uid = str(source.SOPInstanceUID)
+    content = KeyObjectSelection(
+        document_title=codes.KOS_TITLE,
+        referenced_objects=[source, sr, sc],
+        observer_device_context=_device_observer(model),
+        description=kos_description(prediction),
+    )
+    try:
+        kos = KeyObjectSelectionDocument(
+            evidence=[source, sr, sc],
+            content=content,
+            series_instance_uid=derived_uid(
+                str(source.StudyInstanceUID), model.device_uid, "kos-series"
+            ),
+            series_number=KOS_SERIES_NUMBER,
+            sop_instance_uid=derived_uid(source_uid, model.device_uid, "kos"),
+            instance_number=INSTANCE_NUMBER,
+            manufacturer=CREATOR,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[_contributing_equipment(model)],
+        )
+    except AttributeError as exc:
+        raise ValueError(
+            f"source {source_uid} lacks an attribute needed for the KOS: {exc}"
+        ) from exc
+    kos.SeriesDescription = KOS_SERIES_DESCRIPTION
+    return kos
+
+
+def kos_description(prediction: Prediction) -> str:
+    """The Key Object Description: the flag, the result and its status, in one line."""
+    return "AI result available: " + "; ".join(summary_lines(prediction))
 
 
 # --------------------------------------------------------------------------------------------
@@ -617,4 +682,7 @@ def to_bytes(ds: pydicom.Dataset) -> bytes:
     return buffer.getvalue()
 
 
-__all__: Sequence[str] = ("build_sr", "build_sc", "render_overlay", "summary_lines", "to_bytes")
+__all__: Sequence[str] = (
+    "build_sr", "build_sc", "build_kos", "kos_description", "render_overlay", "summary_lines",
+    "to_bytes",
+)

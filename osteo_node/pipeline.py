@@ -1,6 +1,7 @@
 """The path of one radiograph through the node, in order, in one module.
 
-read -> decode -> preprocess -> infer + explain (one forward+backward) -> report (SR) -> capture (SC).
+read -> decode -> preprocess -> infer + explain (one forward+backward) -> report (SR) -> capture (SC)
+-> flag (KOS).
 Stages never call each other; this module is the only place that knows their order. The path is
 cut in three parts so that a worker can overlap them across images (osteo_node.work): `load`
 (read, decode, preprocess), `examine` (the model, one batch of images at a time) and `report`
@@ -65,6 +66,7 @@ class Screening:
     prediction: Prediction
     sr: Dataset
     sc: Dataset
+    kos: Dataset
     seconds: dict[str, float] = field(default_factory=dict)
     source: Dataset | None = None
 
@@ -97,14 +99,17 @@ def examine(loaded: Sequence[Loaded], inference: Inference) -> list[Examined]:
 
 
 def report(examined: Examined) -> Screening:
-    """The SR (TID 1500) and the SC with the saliency overlay for an examined radiograph."""
+    """The SR (TID 1500), the SC with the saliency overlay and the KOS flagging the source image,
+    for an examined radiograph."""
     laps = _Laps()
     source = examined.loaded.source
     sr = encode.build_sr(source, examined.prediction)
     laps.lap("sr")
     sc = encode.build_sc(source, examined.loaded.prepared.display, examined.heatmap, examined.prediction)
     laps.lap("sc")
-    return Screening(examined.prediction, sr, sc, {**examined.seconds, **laps.seconds}, source)
+    kos = encode.build_kos(source, sr, sc, examined.prediction)
+    laps.lap("kos")
+    return Screening(examined.prediction, sr, sc, kos, {**examined.seconds, **laps.seconds}, source)
 
 
 def screen(path: Path, inference: Inference, display_max: int) -> Screening:

@@ -12,8 +12,10 @@ client's own retrying is off. Credentials never reach a log line or an error mes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
@@ -125,21 +127,23 @@ def send_files(
 # --------------------------------------------------------------------------------------------
 
 
-def _client(destination: Destination, timeout_s: float) -> DICOMwebClient:
-    """A DICOMweb client for `destination`: its auth, TLS verification and timeout, no retries."""
+@contextlib.contextmanager
+def _client(destination: Destination, timeout_s: float) -> Iterator[DICOMwebClient]:
+    """A DICOMweb client for `destination`: its auth, TLS verification and timeout, no retries;
+    its HTTP session (connections) closed on the way out."""
     assert destination.url is not None, "a dicomweb destination has a url (config validation)"
-    session = requests.Session()
-    auth = destination.auth
-    if auth is not None and auth.token is not None:
-        session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
-    elif auth is not None and auth.user is not None and auth.password is not None:
-        session.auth = (auth.user, auth.password.get_secret_value())
-    session.verify = str(destination.ca) if destination.verify_tls and destination.ca else \
-        destination.verify_tls
-    client = DICOMwebClient(destination.url, session=session,
-                            timeout=min(timeout_s, destination.timeout_s))
-    client.set_http_retry_params(retry=False)  # the queue retries, with backoff and a dead letter
-    return client
+    with requests.Session() as session:
+        auth = destination.auth
+        if auth is not None and auth.token is not None:
+            session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
+        elif auth is not None and auth.user is not None and auth.password is not None:
+            session.auth = (auth.user, auth.password.get_secret_value())
+        session.verify = str(destination.ca) if destination.verify_tls and destination.ca else \
+            destination.verify_tls
+        client = DICOMwebClient(destination.url, session=session,
+                                timeout=min(timeout_s, destination.timeout_s))
+        client.set_http_retry_params(retry=False)  # the queue retries: backoff, dead letter
+        yield client
 
 
 def _http_failure(destination: Destination, what: str, exc: Exception) -> SendError:
@@ -156,7 +160,8 @@ def _http_failure(destination: Destination, what: str, exc: Exception) -> SendEr
 def _probe_dicomweb(destination: Destination, timeout_s: float) -> None:
     """QIDO-RS `GET {url}/studies?limit=1`: reachable, authenticated and speaking DICOMweb."""
     try:
-        _client(destination, timeout_s).search_for_studies(limit=1)
+        with _client(destination, timeout_s) as client:
+            client.search_for_studies(limit=1)
     except (requests.RequestException, ValueError) as exc:
         raise _http_failure(destination, "QIDO-RS query", exc) from None
 
@@ -164,12 +169,14 @@ def _probe_dicomweb(destination: Destination, timeout_s: float) -> None:
 def stow(destination: Destination, paths: list[Path], timeout_s: float = 60.0) -> None:
     """STOW-RS the files at `paths` to a DICOMweb destination in one request, or raise SendError.
 
-    A re-send stores the same SOP Instance UIDs again: the server keeps one copy of each.
+    A re-send stores the same SOP Instance UIDs again: the server keeps one copy of each. An
+    answer without a body (allowed for a full success) is accepted.
     """
     datasets = [dcmread(p) for p in paths]
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     try:
-        answer = _client(destination, timeout_s).store_instances(datasets)
+        with _client(destination, timeout_s) as client:
+            answer = client.store_instances(datasets)
     except (requests.RequestException, ValueError) as exc:
         raise _http_failure(destination, "STOW-RS", exc) from None
     failed = _referenced_uids(answer, "FailedSOPSequence")

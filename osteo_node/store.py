@@ -63,8 +63,8 @@ class FileStore:
         return f"incoming/{key[:2]}/{key}.dcm"
 
     def output_path(self, source_uid: str, device_uid: str, kind: str) -> str:
-        if kind not in ("sr", "sc"):
-            raise ValueError(f"kind must be 'sr' or 'sc', got {kind!r}")
+        if kind not in ("sr", "sc", "kos"):
+            raise ValueError(f"kind must be 'sr', 'sc' or 'kos', got {kind!r}")
         key = self._key(f"{source_uid}|{device_uid}")
         return f"outputs/{key[:2]}/{key}.{kind}.dcm"
 

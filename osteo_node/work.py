@@ -283,6 +283,9 @@ class Worker:
         sc_path = self.store.output_path(source_uid, model.device_uid, "sc")
         self.store.write(sr_path, to_bytes(result.sr))
         self.store.write(sc_path, to_bytes(result.sc))
+        # The KOS has no column of its own: its path is derived like the SR's and SC's (`send`).
+        self.store.write(self.store.output_path(source_uid, model.device_uid, "kos"),
+                         to_bytes(result.kos))
         return results.result_row(job.instance_id, result, sr_path, sc_path)
 
     def _live_result(self, instance_id: int) -> Result:
@@ -318,6 +321,9 @@ class Worker:
             raise JobError(f"destination {job.destination!r} is no longer configured")
         result = self._live_result(job.instance_id)
         files = {"sr": result.sr_path, "sc": result.sc_path}
+        if "kos" in destination.send:
+            source_uid = self._stored(job.instance_id)[0]
+            files["kos"] = self.store.output_path(source_uid, result.device_uid, "kos")
         paths = [self.store.absolute(files[kind]) for kind in destination.send]
         with STAGE_SECONDS.labels("send").time():
             send_files(destination, paths, self.settings.dicom.ae_title)

@@ -13,6 +13,7 @@ import http.client
 import json
 import mimetypes
 import os
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,9 +21,16 @@ from pathlib import Path
 import pytest
 from conftest import IN_CI
 
-#: The pinned viewer: scripts/setup.sh installs `npm pack @ohif/app@OHIF_VERSION` here.
-OHIF_VERSION = "3.13.2"
-OHIF_HOME = Path(__file__).resolve().parent.parent / ".ohif"
+ROOT = Path(__file__).resolve().parent.parent
+#: Where scripts/setup.sh installs `npm pack @ohif/app@OHIF_VERSION`.
+OHIF_HOME = ROOT / ".ohif"
+
+
+def pinned_version() -> str:
+    """The OHIF version scripts/setup.sh pins (its `OHIF_VERSION=` line): one place for the pin."""
+    match = re.search(r"^OHIF_VERSION=(\S+)$", (ROOT / "scripts" / "setup.sh").read_text(), re.M)
+    assert match, "scripts/setup.sh has no OHIF_VERSION= line"
+    return match.group(1)
 
 #: Request headers passed on to Orthanc (the rest, e.g. the browser's cookies, stay here).
 _FORWARD_REQUEST = ("Accept", "Content-Type", "Range")
@@ -34,14 +42,15 @@ def require_ohif() -> Path:
     """The `dist/` folder of the pinned OHIF; skip when missing (fail instead under CI=true)."""
     dist = Path(os.environ.get("OSTEO_OHIF_DIST", OHIF_HOME / "package" / "dist"))
     manifest = dist.parent / "package.json"
+    pinned = pinned_version()
     problem = None
     if not (dist / "index.html").is_file() or not manifest.is_file():
         problem = (f"OHIF viewer not installed at {dist} (scripts/setup.sh installs "
-                   f"@ohif/app@{OHIF_VERSION} with npm into .ohif/)")
+                   f"@ohif/app@{pinned} with npm into .ohif/)")
     else:
         version = json.loads(manifest.read_text())["version"]
-        if version != OHIF_VERSION:
-            problem = f"OHIF {version} at {dist}, the tests pin {OHIF_VERSION}"
+        if version != pinned:
+            problem = f"OHIF {version} at {dist}, scripts/setup.sh pins {pinned}"
     if problem:
         if IN_CI:
             pytest.fail(f"{problem}; CI must have it")

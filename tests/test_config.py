@@ -57,6 +57,8 @@ WEB = {"name": "vna", "kind": "dicomweb", "url": "https://vna.example.org/dicom-
         ({**WEB, "auth": {"user": "u"}}, "auth.user and auth.password must be given together"),
         ({**WEB, "auth": {}}, "auth needs token (bearer) or user and password (basic)"),
         ({**WEB, "timeout_s": 0}, "destinations.0.timeout_s: Input should be greater than 0"),
+        ({**WEB, "send": ["kos"]}, "'kos' references the SR and SC, so send them too"),
+        ({**WEB, "send": ["pdf"]}, "destinations.0.send.0: Input should be 'sr', 'sc' or 'kos'"),
     ],
 )
 def test_bad_destinations_name_the_key_and_what_is_allowed(destination: dict, expected: str) -> None:

@@ -20,10 +20,13 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 from osteo_node import codes
 from osteo_node.encode import (
     HEAT_FLOOR,
+    KOS_SERIES_NUMBER,
     SC_SERIES_NUMBER,
     SR_SERIES_NUMBER,
+    build_kos,
     build_sc,
     build_sr,
+    kos_description,
     summary_lines,
     to_bytes,
 )
@@ -173,7 +176,7 @@ def test_sr_round_trip(source: pydicom.Dataset) -> None:
     assert names["Algorithm Name"] == ["reference"]
     assert names["Algorithm Version"] == ["1.0.0"]
     texts = names["Comment"]
-    assert any("unverified" in t for t in texts)
+    assert any("Unverified" in t for t in texts)
     assert any("NOT FOR CLINICAL USE" in t for t in texts)
     (status,) = group.get_qualitative_evaluations(name=codes.RESULT_STATUS)
     assert status.value == codes.concept(codes.UNVERIFIED_AI_RESULT)
@@ -198,7 +201,7 @@ def _algorithm_texts(sr: pydicom.Dataset) -> dict[str, list[str]]:
 def test_sr_clinical_model_omits_not_for_clinical_use() -> None:
     sr = read_sr(to_bytes(build_sr(rg1(), prediction(clinical_use=True))))
     texts = _algorithm_texts(sr)["Comment"]
-    assert any("unverified" in t for t in texts)
+    assert any("Unverified" in t for t in texts)
     assert not any("NOT FOR CLINICAL USE" in t for t in texts)
     assert len(texts) == 4
 
@@ -214,12 +217,14 @@ def test_sr_comments_state_the_result_in_words() -> None:
                 and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
     assert comments == summary_lines(pred)
     p = pred.probabilities
-    assert comments[0] == f"AI prediction: osteoporosis (p = {p[2]:.2f})"
-    assert comments[1] == f"normal {p[0]:.2f}, osteopenia {p[1]:.2f}, osteoporosis {p[2]:.2f}"
-    assert comments[2] == "Model: reference 1.0.0 (dinov2/lora)"
-    assert comments[3] == "AI result - unverified by a physician"
-    assert comments[4] == "NOT FOR CLINICAL USE (trained on phantoms)"
-    assert max(len(c) for c in comments) <= 50  # short enough to sit beside the image in OHIF
+    assert comments == [
+        f"AI: osteoporosis (p = {p[2]:.2f})",
+        f"normal {p[0]:.2f}, osteopenia {p[1]:.2f}",
+        "Model: reference 1.0.0",
+        "Unverified AI result",
+        "NOT FOR CLINICAL USE",
+    ]
+    assert max(len(c) for c in comments) <= 34  # short enough to sit beside the image in OHIF
 
 
 def test_sr_measurements_are_placed_on_the_source_image(source: pydicom.Dataset) -> None:
@@ -318,6 +323,45 @@ def test_invalid_prediction_is_refused(
 
 
 # --------------------------------------------------------------------------------------------
+# KOS
+# --------------------------------------------------------------------------------------------
+
+
+def test_kos_flags_the_source_and_references_sr_and_sc(source: pydicom.Dataset) -> None:
+    display, heat = display_and_heat()
+    pred = prediction()
+    sr, sc = build_sr(source, pred), build_sc(source, display, Heatmap(heat), pred)
+    kos = pydicom.dcmread(io.BytesIO(to_bytes(build_kos(source, sr, sc, pred))))
+    assert kos.SOPClassUID == pydicom.uid.KeyObjectSelectionDocumentStorage
+    assert kos.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert kos.SeriesNumber == KOS_SERIES_NUMBER and kos.Modality == "KO"
+    assert kos.SeriesDescription == "osteo-node AI result available"
+    for keyword in PATIENT_STUDY:
+        assert kos.get(keyword) == source.get(keyword), keyword
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # DCM Of Interest (CID 7010)
+    items = list(kos.ContentSequence)
+    (description,) = [i for i in items if i.ValueType == "TEXT"
+                      and i.ConceptNameCodeSequence[0].CodeValue == "113012"]  # Key Object Description
+    assert description.TextValue == kos_description(pred)
+    assert description.TextValue.startswith("AI result available: AI: osteoporosis (p = ")
+    assert "Model: reference 1.0.0" in description.TextValue
+    assert "Unverified AI result" in description.TextValue
+    referenced = {i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for i in items
+                  if "ReferencedSOPSequence" in i}
+    assert referenced == {source.SOPInstanceUID, sr.SOPInstanceUID, sc.SOPInstanceUID}
+    evidence = {ref.ReferencedSOPInstanceUID for study in kos.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == referenced
+    # derived UIDs: the same KOS again, another model another KOS
+    again = build_kos(source, sr, sc, pred)
+    other_pred = prediction(OTHER_DEVICE_UID)
+    other = build_kos(source, build_sr(source, other_pred),
+                      build_sc(source, display, Heatmap(heat), other_pred), other_pred)
+    assert again.SOPInstanceUID == kos.SOPInstanceUID != other.SOPInstanceUID
+    assert len({kos.SeriesInstanceUID, sr.SeriesInstanceUID, sc.SeriesInstanceUID}) == 3
+
+
+# --------------------------------------------------------------------------------------------
 # SC
 # --------------------------------------------------------------------------------------------
 
@@ -393,10 +437,13 @@ def test_sc_example_image_for_review(tmp_path: Path) -> None:
 def _outputs(source: pydicom.Dataset) -> dict[str, bytes]:
     display, heat = display_and_heat()
     attention = BoneAttention(0.6, 0.3, {"ribs": 0.4})
+    sr = build_sr(source, prediction())
+    sc = build_sc(source, display, Heatmap(heat), prediction())
     return {
-        "sr": to_bytes(build_sr(source, prediction())),
+        "sr": to_bytes(sr),
         "sr_attention": to_bytes(build_sr(source, prediction(), attention)),
-        "sc": to_bytes(build_sc(source, display, Heatmap(heat), prediction())),
+        "sc": to_bytes(sc),
+        "kos": to_bytes(build_kos(source, sr, sc, prediction())),
     }
 
 

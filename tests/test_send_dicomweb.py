@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import pytest
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-
 from conftest import free_port
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
 from orthanc import Orthanc
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
 from osteo_node.config import Destination
 from osteo_node.errors import SendError
 from osteo_node.send import echo, send_files
@@ -55,8 +56,8 @@ def test_basic_auth_and_refusals_name_no_secret(tmp_path: Path) -> None:
         for auth, secret in (({"user": USER, "password": "wrong-password-1"}, "wrong-password-1"),
                              ({"token": "bearer-token-42"}, "bearer-token-42"), (None, PASSWORD)):
             bad = dicomweb(pacs, auth=auth)
-            for attempt in (lambda: echo(bad, "OSTEO_NODE"),
-                            lambda: send_files(bad, files(), "OSTEO_NODE")):
+            for attempt in (partial(echo, bad, "OSTEO_NODE"),
+                            partial(send_files, bad, files(), "OSTEO_NODE")):
                 with pytest.raises(SendError) as info:
                     attempt()
                 assert "HTTP 401" in str(info.value) and "authentication refused" in str(info.value)
@@ -80,13 +81,14 @@ def test_unreachable_server_is_a_send_error(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_url: str,
                                                       e2e_bundle: str) -> None:
-    """Orthanc down: the send job retries with backoff; Orthanc back: delivered exactly once."""
+    """Orthanc down: the send job retries with backoff; Orthanc back: SR, SC and KOS delivered
+    exactly once."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port, dicomweb=True, http_user=(USER, PASSWORD))
     config = write_config(tmp_path, database_url=database_url, bundle=e2e_bundle, pacs_port=0,
                           dicom={"port": node_port}, destinations=[{
                               "name": "vna", "kind": "dicomweb", "url": pacs.dicomweb_url,
-                              "auth": {"user": USER, "password": PASSWORD}}])
+                              "send": ["sr", "sc", "kos"], "auth": {"user": USER, "password": PASSWORD}}])
     node = NodeProcess(config).start()
     try:
         chest = Path(get_testdata_file("RG1_UNCR.dcm"))
@@ -98,7 +100,9 @@ def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_
         pacs.start()
         wait_for(lambda: jobs_done(database_url, 3), 120, "delivery once the PACS is back")
         classes = Counter(i["SOPClassUID"] for i in pacs.instances())
-        assert classes == Counter({"1.2.840.10008.5.1.4.1.1.88.34": 1, "1.2.840.10008.5.1.4.1.1.7": 1})
+        assert classes == Counter({"1.2.840.10008.5.1.4.1.1.88.34": 1,  # SR
+                                   "1.2.840.10008.5.1.4.1.1.7": 1,  # SC
+                                   "1.2.840.10008.5.1.4.1.1.88.59": 1})  # KOS
         sr = next(i for i in pacs.instances() if i["SOPClassUID"].endswith(".88.34"))
         assert sr["StudyInstanceUID"] == str(dcmread(chest, stop_before_pixels=True).StudyInstanceUID)
     finally:

@@ -16,14 +16,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from PIL import Image
-from pydicom import dcmread
-from pydicom.data import get_testdata_file
-
 from conftest import IN_CI, free_port
 from node_process import NodeProcess, jobs_done, wait_for, write_config
 from ohif import OhifServer, require_ohif
 from orthanc import Orthanc, require_dicomweb_plugin
+from PIL import Image
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
 from osteo_node import codes
 from osteo_node.bundle import load_bundle
 from osteo_node.records import CLASS_NAMES
@@ -57,12 +57,14 @@ def expected_result(sr_bytes: bytes) -> tuple[str, float]:
 
 def _dismiss_onboarding(page: object) -> None:
     """OHIF's first-visit pop-ups (a guided tour, an investigational-use banner) cover the viewport."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     for label in ("Skip all", "Confirm and hide"):
         button = page.get_by_role("button", name=label)  # type: ignore[attr-defined]
         try:
             button.first.click(timeout=15_000)
-        except Exception:  # not shown this time (already dismissed): nothing covers the viewport
-            pass
+        except PlaywrightTimeout:  # not shown this time: nothing covers the viewport
+            continue
 
 
 def _colour_fraction(png: bytes) -> float:
@@ -102,20 +104,24 @@ def _open_sr_and_sc(page: object, origin: str, study_uid: str, sr_bytes: bytes, 
     # The SR: its measurement group placed on the radiograph, labelled with the result in words.
     page.locator("[data-cy=study-browser-thumbnail-no-image]").first.dblclick()  # type: ignore[attr-defined]
     viewport = page.locator("[data-cy=viewport-pane]").first  # type: ignore[attr-defined]
-    page.get_by_text("AI prediction:").first.wait_for()  # type: ignore[attr-defined]
+    label = f"AI: {category} (p = {probability:.2f})"
+    page.get_by_text(label).first.wait_for()  # type: ignore[attr-defined]
     page.wait_for_timeout(2000)  # let the radiograph under the label render for the screenshot
     page.screenshot(path=str(ARTIFACTS / f"{name}-sr.png"))  # type: ignore[attr-defined]
     sr_text = viewport.inner_text()
-    assert f"AI prediction: {category} (p = {probability:.2f})" in sr_text, sr_text
+    assert label in sr_text, sr_text
+    others = [c for c in CLASS_NAMES if c != category]
+    assert f"{others[0]} 0." in sr_text and f"{others[1]} 0." in sr_text, sr_text
     assert f"Model: {identity.name} {identity.version}" in sr_text, sr_text
-    assert "AI result - unverified" in sr_text, sr_text
-    assert "osteopenia 0." in sr_text and "osteoporosis 0." in sr_text, sr_text
+    assert "Unverified AI result" in sr_text, sr_text
+    if not identity.clinical_use:
+        assert "NOT FOR CLINICAL USE" in sr_text, sr_text
 
     # The SC: the heatmap, its legend and banner burned into the pixels.
     page.locator("[data-cy=study-browser-thumbnail]").filter(  # type: ignore[attr-defined]
         has_text="heatmap").first.dblclick()
     page.wait_for_function(  # type: ignore[attr-defined]
-        "() => !document.querySelector('[data-cy=viewport-pane]').innerText.includes('AI prediction:')")
+        "() => !document.querySelector('[data-cy=viewport-pane]').innerText.includes('Unverified AI')")
     colour = 0.0
     for _ in range(90):  # the SC's pixels arrive after the viewport switches
         page.wait_for_timeout(1000)  # type: ignore[attr-defined]
