@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -96,15 +97,18 @@ def fill_site(engine: Engine, pairs: int, models: Sequence[SyntheticModel], *, s
             for i in range(pairs)])
 
 
-def time_validate(settings: Settings, engine: Engine, repeats: int) -> list[float]:
+def time_validate(settings: Settings, engine: Engine, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall seconds and this process's CPU seconds of each of `repeats` validate runs (CPU time
+    stays meaningful on a shared machine; the database server's own CPU is not in it)."""
     from .validate import validate
 
-    seconds = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         validate(engine, settings)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,14 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             fill_site(engine, args.pairs, models)
             fill_s = time.perf_counter() - start
-            seconds = time_validate(settings, engine, args.repeats)
+            seconds, cpu = time_validate(settings, engine, args.repeats)
         finally:
             engine.dispose()
     figures = {"database": scratch.backend, "pairs": args.pairs, "models": len(models),
                "bootstrap_resamples": settings.validation.bootstrap_resamples,
                "fill_s": round(fill_s, 2), "validate_s": [round(s, 2) for s in seconds],
                "median_s": round(statistics.median(seconds), 2),
-               "spread_s": round(max(seconds) - min(seconds), 2)}
+               "spread_s": round(max(seconds) - min(seconds), 2),
+               "cpu_s": [round(s, 2) for s in cpu], "median_cpu_s": round(statistics.median(cpu), 2),
+               "load_average": [round(x, 1) for x in os.getloadavg()]}
     print(json.dumps(figures))
     return 0
 

@@ -381,9 +381,11 @@ def cmd_operating_point(settings: Settings, args: argparse.Namespace) -> int:
                       f"pairs {row.pairs} by {row.actor} ({row.device_uid})")
             return 0
         bundles = op.bundle_thresholds(settings)
-        for key in models(session):
-            if args.device_uid and key.device_uid != args.device_uid:
-                continue
+        keys = [k for k in models(session) if not args.device_uid or k.device_uid == args.device_uid]
+        if not keys:
+            print("no model has produced results here yet" + (f" with Device UID {args.device_uid}"
+                                                             if args.device_uid else ""))
+        for key in keys:
             point = op.in_force(session, key.device_uid, bundles, settings.referral)
             where = "none known" if point is None else (
                 f"low BMD {point.low_bmd_threshold:.4f}, osteoporosis "

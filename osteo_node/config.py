@@ -326,8 +326,9 @@ class Hl7Settings(_Section):
 class ValidationSettings(_Section):
     """Site validation: DXA results paired with screened images (osteo_node.pairing, validate)."""
 
-    #: A DXA result pairs with the same patient's screened image at most this many days away.
-    match_window_days: int = Field(default=365, ge=1, le=3650)
+    #: A DXA result is paired with the patient's screened image nearest in time, at most this
+    #: many days before or after it.
+    match_window_days: int = Field(default=365, ge=0, le=3650)
     #: Fewer pairs than this: status "insufficient-data" (and no operating point from a target).
     min_pairs: int = Field(default=100, ge=1)
     #: Status "failing" when the upper bound of the low-BMD AUC's 95% CI is below this.

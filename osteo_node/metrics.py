@@ -277,8 +277,11 @@ def weighted_auc(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray) -> 
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=np.int64)
     if not starts.size:
         return np.full(w.shape[0], np.nan)
-    positive = np.add.reduceat(w * y, starts, axis=1)  # weight of positives per distinct score
-    negative = np.add.reduceat(w * ~y, starts, axis=1)
+    positive = w * y
+    negative = w - positive
+    if starts.size < s.size:  # tied scores: one column per distinct score
+        positive = np.add.reduceat(positive, starts, axis=1)
+        negative = np.add.reduceat(negative, starts, axis=1)
     below = np.cumsum(negative, axis=1) - negative  # negatives scoring strictly lower
     pairs = positive.sum(axis=1) * negative.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -2,8 +2,8 @@
 
 A DXA result (one not superseded by a correction) is paired with a screened image of the same
 patient (PatientID + Issuer of Patient ID) taken at most `[validation] match_window_days` days
-before or after the DXA; when several images qualify, the nearest in time wins (then the later
-one, then the lower instance id, so the choice is stable). The lowest T-score gives the WHO
+before or after the DXA; when several images qualify, the nearest in time wins (then the earlier
+one, then the first recorded, as osteo_node.dxa.nearest_image decides when a result comes in). The lowest T-score gives the WHO
 category, the truth the model is measured against. Images without a date cannot be paired.
 
 Pairing does not depend on the model: each model that screened the paired image (live or shadow)
@@ -90,7 +90,7 @@ def pair(dxa_rows: Iterable[DxaRow], images: Iterable[ImageRow], window_days: in
                       if abs((dxa.dxa_date - i.image_date).days) <= window_days]  # type: ignore[operator]
         if candidates:
             best = min(candidates, key=lambda i: (abs((dxa.dxa_date - i.image_date).days),  # type: ignore[operator]
-                                                   -i.image_date.toordinal(), i.instance_id))  # type: ignore[union-attr]
+                                                   i.image_date, i.instance_id))
             pairs.append(Pair(dxa, best))
     return pairs
 

@@ -130,13 +130,17 @@ def bootstrap(data: ModelPairs, point: Thresholds | None, resamples: int) -> dic
     samples: dict[str, list[np.ndarray]] = {name: [] for name in values}
     patients = data.patients
     index = bootstrap_indices(patients, patient_strata(y, patients), resamples, SEED)
+    # numerator and denominator masks of every rate as columns: one matrix product per batch
+    masks = (np.stack([m(f, pos) for num, den in RATES.values() for m in (num, den)], axis=1)
+             .astype(np.float64) if f is not None else None)
     for start in range(0, len(index), _BATCH):
         w = bootstrap_weights(index[start:start + _BATCH], len(y))
         samples["low_bmd_auc"].append(weighted_auc(pos, low, w))
         samples["osteoporosis_auc"].append(weighted_auc(y == 2, p[:, 2], w))
-        if f is not None:
-            for name, (num, den) in RATES.items():
-                samples[name].append(_ratio(w @ num(f, pos).astype(float), w @ den(f, pos).astype(float)))
+        if masks is not None:
+            counts = w @ masks
+            for k, name in enumerate(RATES):
+                samples[name].append(_ratio(counts[:, 2 * k], counts[:, 2 * k + 1]))
     return {name: percentile_interval(values[name], list(np.concatenate(samples[name])))
             for name in values}
 

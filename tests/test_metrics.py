@@ -163,3 +163,17 @@ def test_delong_of_identical_scorers_is_not_significant() -> None:
     labels, probs = random_data(100)
     result = metrics.delong_test(labels == 2, probs[:, 2], probs[:, 2])
     assert result.z == 0.0 and result.p_value == pytest.approx(1.0)
+
+
+def test_weighted_auc_equals_sklearn_with_sample_weights():
+    """Every row of weights (bootstrap multiplicities here) gives sklearn's weighted AUC, ties
+    counting one half; a row without both classes is NaN."""
+    rng = np.random.default_rng(7)
+    y = rng.random(300) < 0.4
+    score = np.round(rng.random(300), 1)  # many ties
+    weights = metrics.bootstrap_weights(metrics.bootstrap_indices([str(i) for i in range(300)], None, 50, 3), 300)
+    expected = [roc_auc_score(y, score, sample_weight=w) for w in weights]
+    assert metrics.weighted_auc(y, score, weights) == pytest.approx(expected, abs=1e-12)
+    only_negatives = (~y).astype(float)[None, :]
+    assert np.isnan(metrics.weighted_auc(y, score, only_negatives)).all()
+    assert metrics.weighted_auc(y, score, np.ones((1, 300)))[0] == pytest.approx(roc_auc_score(y, score))

@@ -84,9 +84,9 @@ def test_the_nearest_image_of_the_same_patient_within_the_window_wins() -> None:
     assert edge.image.instance_id == 3 and edge.label == 2
 
 
-def test_equally_near_images_pick_the_later_one() -> None:
-    (found,) = pair([dxa(1, D(2025, 6, 11), 0.0)], [image(1, D(2025, 6, 1)), image(2, D(2025, 6, 21))], 30)
-    assert found.image.instance_id == 2 and found.label == 0
+def test_equally_near_images_pick_the_earlier_one() -> None:
+    (found,) = pair([dxa(1, D(2025, 6, 11), 0.0)], [image(2, D(2025, 6, 21)), image(1, D(2025, 6, 1))], 30)
+    assert found.image.instance_id == 1 and found.label == 0
 
 
 def test_superseded_dxa_results_are_ignored() -> None:
