@@ -85,7 +85,7 @@ def test_train_command_refuses_missing_source(tmp_path):
     done = subprocess.run([sys.executable, "-m", "training.cli", "train", "--manifest",
                            str(_manifest(tmp_path)), "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--random-init" in done.stderr
+    assert done.returncode == 2 and "--random-init" in done.stderr and "--init-bundle" in done.stderr
 
 
 def test_sizing_bundle_command_exports_an_untrained_lora_bundle(tmp_path):
@@ -106,3 +106,35 @@ def test_sizing_bundle_command_exports_an_untrained_lora_bundle(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "training.cli", "sizing-bundle", "--random-init", "vit-huge",
                               "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "vit-b14" in refused.stderr
+
+
+def test_init_bundle_starts_from_a_bundle_with_every_weight_trainable(tmp_path):
+    from osteo_node.bundle import export_bundle
+    from osteo_node.model import ModelSpec, build_classifier
+    from training.train import PRESETS, bundle_start
+
+    config = {**PRESETS["vit-micro"], "image_size": 56}
+    spec = ModelSpec(family="dinov2", source="random-init:vit-micro", method="partial", partial_blocks=2,
+                     input_size=56, mean=(0.5,) * 3, std=(0.25,) * 3, pooling="cls+mean")
+    torch.manual_seed(0)
+    model = build_classifier(spec, random_init_config=config)
+    export_bundle(model, spec, tmp_path / "start", name="start", version="1.0.0",
+                  thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="test", clinical_use=False,
+                  data_summary="test")
+    start = bundle_start(str(tmp_path / "start"))
+    assert start.spec.input_size == 56 and start.spec.pooling == "cls+mean" and start.spec.mean == (0.5,) * 3
+    assert start.origin["name"] == "start" and start.origin["device_uid"]
+    assert all(p.requires_grad for p in start.classifier.parameters())
+    x = torch.rand(2, 3, 56, 56)
+    model.eval()
+    start.classifier.eval()
+    with torch.no_grad():
+        assert torch.allclose(start.classifier(x), model(x), atol=1e-5)  # the bundle's weights, not new ones
+    assert bundle_start(str(tmp_path / "start"), 84).spec.input_size == 84
+
+
+def test_train_command_wants_exactly_one_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "training.cli", "train", "--manifest", str(_manifest(tmp_path)),
+                           "--random-init", "vit-micro", "--init-bundle", "reference", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "exactly one of" in done.stderr
