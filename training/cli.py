@@ -8,6 +8,7 @@ import sys
 #: command name -> module implementing `main(argv: list[str]) -> int`.
 COMMANDS: dict[str, str] = {
     "phantoms": "training.phantoms",
+    "site-phantoms": "training.site_phantoms",
     "contact-sheet": "training.contact_sheet",
     "train": "training.train",
     "evaluate": "training.evaluate",
