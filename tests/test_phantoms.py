@@ -309,3 +309,51 @@ def test_off_bone_leak_changes_only_soft_tissue_that_no_bone_overlies() -> None:
     drawn = phantoms.draw_cohort(60, 5, options)[0]
     t_scores = np.array([s.t_score for s in drawn])
     assert np.corrcoef(t_scores, [s.off_bone_density for s in drawn])[0, 1] < -0.9
+
+
+def test_realistic_effect_is_the_documented_one_and_halves_the_bone_contrast_change() -> None:
+    assert phantoms.parse_bone_change("realistic") == phantoms.BONE_EFFECTS["realistic"] == (0.09, 0.16)
+    assert phantoms.parse_bone_change("exaggerated") == phantoms.BONE_CHANGE_PER_SD
+    assert phantoms.parse_bone_change("0.1,0.2") == (0.1, 0.2)
+    assert phantoms.bone_factors(-2.0, (0.09, 0.16)) == pytest.approx((0.82, 0.68))
+    with pytest.raises(ValueError, match="'strong'"):
+        phantoms.parse_bone_change("strong")
+    with pytest.raises(ValueError, match="0..0.5"):
+        phantoms.GenerationOptions(bone_change_per_sd=(0.9, 0.1))
+    spec = phantoms.draw_cohort(1, 7, phantoms.GenerationOptions(lateral_fraction=0.0))[0][0]
+    changes = {}
+    for name, per_sd in phantoms.BONE_EFFECTS.items():
+        high, low = (
+            _bone_contrast(phantoms.render(dataclasses.replace(spec, t_score=t, bone_change_per_sd=per_sd), SIZE))
+            for t in (1.5, -4.0)
+        )
+        changes[name] = high - low
+    # Half the change per SD gives about half the contrast change (the DX chain is ~linear in mineral).
+    assert 0.4 < changes["realistic"] / changes["exaggerated"] < 0.65, changes
+
+
+def test_randomise_changes_nothing_that_carries_a_label() -> None:
+    plain_options = phantoms.GenerationOptions(bone_change_per_sd=(0.09, 0.16))
+    random_options = dataclasses.replace(plain_options, randomise=True)
+    plain, plain_splits = phantoms.draw_cohort(200, 21, plain_options)
+    randomised, random_splits = phantoms.draw_cohort(200, 21, random_options)
+    assert random_splits == plain_splits
+    label_fields = ("patient_id", "t_score", "label_class", "sex", "birth_date", "study_date", "view",
+                    "bone_change", "bone_change_per_sd")
+    for a, b in zip(plain, randomised):
+        assert [getattr(a, f) for f in label_fields] == [getattr(b, f) for f in label_fields]
+    assert {s.response for s in randomised} == {"log", "gamma", "linear"}
+    assert any(s.clahe_clip for s in randomised) and any(s.lut for s in randomised)
+    t_scores = np.array([s.t_score for s in randomised])
+    for field in ("soft_density", "fat_fraction", "photons", "zoom", "dn_low", "gamma", "lut", "edge_amount"):
+        values = np.array([getattr(s, field) for s in randomised], dtype=float)
+        assert values.std() > 0, field
+        assert abs(np.corrcoef(t_scores, values)[0, 1]) < 0.25, field
+    # Every randomised chain renders 12-bit pixels, and bone still gets darker with a lower T-score.
+    for spec in [s for s in randomised if s.view == "PA"][:3]:
+        rendering = phantoms.render(spec, SIZE)
+        assert rendering.pixels.dtype == np.uint16 and int(rendering.pixels.max()) <= 4095
+        assert rendering.pixels.std() > 50
+    spec = next(s for s in randomised if s.view == "PA" and s.response != "log" and not s.clahe_clip)
+    contrasts = [_bone_contrast(phantoms.render(dataclasses.replace(spec, t_score=t), SIZE)) for t in (1.5, -4.0)]
+    assert contrasts[0] > contrasts[1], contrasts

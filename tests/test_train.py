@@ -85,7 +85,8 @@ def test_train_command_refuses_missing_source(tmp_path, capsys):
     from training.cli import main
 
     assert main(["train", "--manifest", str(_manifest(tmp_path)), "--out", str(tmp_path / "b")]) == 2
-    assert "--random-init" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--random-init" in err and "--init-bundle" in err
 
 
 def test_sizing_bundle_command_refuses_an_unknown_preset(tmp_path, capsys):
@@ -111,3 +112,35 @@ def test_sizing_bundle_command_exports_an_untrained_lora_bundle(tmp_path):
     assert bundle.identity.clinical_use is False
     assert "Sizing only" in bundle.manifest["intended_use"]
     assert bundle.classifier(torch.zeros(1, 3, 56, 56)).shape == (1, 3)
+
+
+def test_init_bundle_starts_from_a_bundle_with_every_weight_trainable(tmp_path):
+    from osteo_node.bundle import export_bundle
+    from osteo_node.model import ModelSpec, build_classifier
+    from training.train import PRESETS, bundle_start
+
+    config = {**PRESETS["vit-micro"], "image_size": 56}
+    spec = ModelSpec(family="dinov2", source="random-init:vit-micro", method="partial", partial_blocks=2,
+                     input_size=56, mean=(0.5,) * 3, std=(0.25,) * 3, pooling="cls+mean")
+    torch.manual_seed(0)
+    model = build_classifier(spec, random_init_config=config)
+    export_bundle(model, spec, tmp_path / "start", name="start", version="1.0.0",
+                  thresholds={"low_bmd": 0.5, "osteoporosis": 0.5}, intended_use="test", clinical_use=False,
+                  data_summary="test")
+    start = bundle_start(str(tmp_path / "start"))
+    assert start.spec.input_size == 56 and start.spec.pooling == "cls+mean" and start.spec.mean == (0.5,) * 3
+    assert start.origin["name"] == "start" and start.origin["device_uid"]
+    assert all(p.requires_grad for p in start.classifier.parameters())
+    x = torch.rand(2, 3, 56, 56)
+    model.eval()
+    start.classifier.eval()
+    with torch.no_grad():
+        assert torch.allclose(start.classifier(x), model(x), atol=1e-5)  # the bundle's weights, not new ones
+    assert bundle_start(str(tmp_path / "start"), 84).spec.input_size == 84
+
+
+def test_train_command_wants_exactly_one_start(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "training.cli", "train", "--manifest", str(_manifest(tmp_path)),
+                           "--random-init", "vit-micro", "--init-bundle", "reference", "--out", str(tmp_path / "b")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "exactly one of" in done.stderr

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -85,15 +86,38 @@ BASE_DATE = dt.date(2023, 1, 2)
 #: on a few thousand images, on 2 CPU cores, learns the task; a pretrained foundation model on real
 #: radiographs is what the study used for the subtle real effect.
 BONE_CHANGE_PER_SD: tuple[float, float] = (0.18, 0.30)
+#: Named bone effects for `--bone-change-per-sd`: the default (exaggerated) one and the realistic one.
+BONE_EFFECTS: dict[str, tuple[float, float]] = {
+    "exaggerated": BONE_CHANGE_PER_SD,
+    "realistic": (0.09, 0.16),
+}
+#: Amplitude of the vertical trabecular striation at T = -4.5 with the default effect; it scales
+#: with the trabecular change per SD, so a realistic effect also has subtler texture.
+STRIATION_AMPLITUDE = 0.35
 
 
-def bone_factors(t_score: float) -> tuple[float, float]:
+def bone_factors(t_score: float, per_sd: tuple[float, float] = BONE_CHANGE_PER_SD) -> tuple[float, float]:
     """(cortical, trabecular) mineral factors relative to the CT's bone (taken as T = 0).
 
     Trabecular bone, with its larger surface, loses mineral faster than cortical bone.
     """
-    cortical, trabecular = BONE_CHANGE_PER_SD
+    cortical, trabecular = per_sd
     return max(0.2, 1.0 + cortical * t_score), max(0.1, 1.0 + trabecular * t_score)
+
+
+def parse_bone_change(text: str) -> tuple[float, float]:
+    """`exaggerated`, `realistic` or `CORTICAL,TRABECULAR` (per T-score SD, each in 0..0.5)."""
+    if text in BONE_EFFECTS:
+        return BONE_EFFECTS[text]
+    try:
+        cortical, trabecular = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(
+            f"bone change per SD must be one of {sorted(BONE_EFFECTS)} or CORTICAL,TRABECULAR, got {text!r}"
+        ) from None
+    if not (0.0 <= cortical <= 0.5 and 0.0 <= trabecular <= 0.5):
+        raise ValueError(f"bone change per SD must be in 0..0.5, got {text!r}")
+    return cortical, trabecular
 
 
 # --------------------------------------------------------------------------- anatomy
@@ -223,6 +247,9 @@ class GenerationOptions:
     repeat_fraction: float = 0.05
     leak: str = "none"
     bone_change: bool = True
+    bone_change_per_sd: tuple[float, float] = BONE_CHANGE_PER_SD
+    #: Broad domain randomisation of everything that carries no label (see `randomise_spec`).
+    randomise: bool = False
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 4096:
@@ -235,6 +262,8 @@ class GenerationOptions:
                 raise ValueError(f"{name} must be in [0, 1], got {value!r}")
         if self.leak not in LEAKS:
             raise ValueError(f"leak must be one of {LEAKS}, got {self.leak!r}")
+        if len(self.bone_change_per_sd) != 2 or not all(0.0 <= v <= 0.5 for v in self.bone_change_per_sd):
+            raise ValueError(f"bone_change_per_sd must be two values in 0..0.5, got {self.bone_change_per_sd!r}")
 
     @property
     def spacing_mm(self) -> float:
@@ -277,6 +306,16 @@ class PhantomSpec:
     electronic_noise_dn: float
     bone_change: bool = True
     off_bone_density: float = 1.0  # soft tissue where no bone overlies it, relative (leak "off-bone")
+    bone_change_per_sd: tuple[float, float] = BONE_CHANGE_PER_SD
+    # Domain randomisation (GenerationOptions.randomise); the defaults are the plain chain.
+    response: str = "log"  # detector/processing curve: log, gamma (power of the log image) or linear
+    gamma: float = 1.0
+    lut: float = 0.0  # strength of a sigmoid (S-curve) LUT on the output, 0 none
+    lut_shift: float = 0.0  # centre of that S-curve, relative to mid-grey
+    clahe_clip: float = 0.0  # contrast-limited adaptive histogram equalisation, 0 none
+    clahe_tiles: int = 8
+    second_edge_amount: float = 0.0  # a second, coarse unsharp mask (multi-frequency processing)
+    second_edge_sigma_mm: float = 8.0
 
     @property
     def patient_id(self) -> str:
@@ -344,7 +383,7 @@ def draw_image(
             float(rng.uniform(60, 95)),
             float(rng.uniform(0.15, 0.4)),
         )
-    return PhantomSpec(
+    spec = PhantomSpec(
         index=index,
         patient_index=patient_index,
         study_index=study_index,
@@ -376,6 +415,58 @@ def draw_image(
         electronic_noise_dn=float(rng.uniform(1.0, 4.0)),
         bone_change=options.bone_change and options.leak == "none",
         off_bone_density=off_bone_density,
+        bone_change_per_sd=tuple(options.bone_change_per_sd),
+    )
+    return randomise_spec(spec, options) if options.randomise else spec
+
+
+def randomise_spec(spec: PhantomSpec, options: GenerationOptions) -> PhantomSpec:
+    """Redraw the nuisance parameters over broad ranges, from a stream of their own.
+
+    Detector response and processing (log / gamma / near-linear curves, one or two unsharp masks,
+    equalisation, CLAHE, S-curve LUTs), exposure, windowing, soft tissue and breast, noise, blur,
+    pose and field of view. The generator is seeded by (seed, index, 3), separate from the cohort's
+    stream, so T-scores, labels, patients and splits are those of the same cohort without
+    randomisation; nothing drawn here depends on the T-score (the soft-tissue leaks keep theirs).
+    """
+    rng = np.random.default_rng([spec.seed, spec.index, 3])
+    changes: dict[str, object] = {}
+    if options.leak == "none":
+        changes["soft_density"] = float(rng.uniform(0.88, 1.12))
+        changes["fat_fraction"] = float(rng.uniform(0.0, 0.45))
+    breast = spec.breast
+    if spec.sex == "F" and rng.random() < 0.9:
+        breast = (float(rng.uniform(40, 110)), float(rng.uniform(10, 60)), float(rng.uniform(55, 105)),
+                  float(rng.uniform(0.1, 0.45)))
+    elif spec.sex == "F":
+        breast = None
+    response = str(rng.choice(["log", "gamma", "linear"], p=[0.5, 0.35, 0.15]))
+    return dataclasses.replace(
+        spec,
+        **changes,
+        breast=breast,
+        yaw_deg=float(rng.uniform(-6, 6)),
+        pitch_deg=float(rng.uniform(-6, 6)),
+        roll_deg=float(rng.uniform(-6, 6)),
+        zoom=float(rng.uniform(1.0, 1.35)),
+        photons=float(np.exp(rng.uniform(np.log(1e4), np.log(5e5)))),
+        blur_mm=float(rng.uniform(0.15, 1.2)),
+        edge_amount=float(rng.uniform(0.0, 1.5)),
+        edge_sigma_mm=float(rng.uniform(0.6, 3.0)),
+        equalization=float(rng.uniform(0.2, 0.9)),
+        equalization_sigma_mm=float(rng.uniform(8, 60)),
+        dn_low=float(rng.uniform(0, 900)),
+        dn_high=float(rng.uniform(2600, 4095)),
+        window_jitter=(float(rng.uniform(-0.15, 0.15)), float(rng.uniform(0.7, 1.3))),
+        electronic_noise_dn=float(rng.uniform(0.5, 12.0)),
+        response=response,
+        gamma=float(rng.uniform(0.6, 1.6)) if response == "gamma" else 1.0,
+        lut=float(rng.uniform(0.0, 4.0)) if rng.random() < 0.5 else 0.0,
+        lut_shift=float(rng.uniform(-0.2, 0.2)),
+        clahe_clip=float(rng.uniform(1.0, 3.0)) if rng.random() < 0.35 else 0.0,
+        clahe_tiles=int(rng.integers(4, 12)),
+        second_edge_amount=float(rng.uniform(0.0, 0.8)) if rng.random() < 0.5 else 0.0,
+        second_edge_sigma_mm=float(rng.uniform(5.0, 20.0)),
     )
 
 
@@ -510,14 +601,40 @@ def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.
         free = cv2.GaussianBlur(cv2.erode(free, np.ones((5, 5), np.uint8)), (0, 0), 1.0)
         leak = (spec.off_bone_density - 1.0) * spec.soft_density * soft * free
 
-    f_cortical, f_trabecular = bone_factors(spec.t_score) if spec.bone_change else (1.0, 1.0)
+    per_sd = spec.bone_change_per_sd
+    f_cortical, f_trabecular = bone_factors(spec.t_score, per_sd) if spec.bone_change else (1.0, 1.0)
     # Loss of horizontal trabeculae leaves coarse vertical striation (vertebral bodies).
     striation = cv2.GaussianBlur(rng.standard_normal(trabecular.shape).astype(np.float32), (0, 0), 1.5, sigmaY=0.4)
     striation /= max(float(striation.std()), 1e-6)
-    amplitude = 0.35 * float(np.clip(-spec.t_score / 4.5, 0.0, 1.0)) if spec.bone_change else 0.0
+    strength = STRIATION_AMPLITUDE * per_sd[1] / BONE_CHANGE_PER_SD[1]
+    amplitude = strength * float(np.clip(-spec.t_score / 4.5, 0.0, 1.0)) if spec.bone_change else 0.0
     texture = np.clip(1.0 + amplitude * striation, 0.0, None)
     total = soft_total + leak + f_cortical * cortical + f_trabecular * trabecular * texture
     return total.astype(np.float32), soft_total.astype(np.float32), bits
+
+
+def _response(logged: np.ndarray, spec: PhantomSpec) -> np.ndarray:
+    """A detector/processing curve other than the log: a power of the log image (`gamma`), or
+    `linear`, i.e. the attenuated fraction 1 - exp(-log) (a detector read out without the log)."""
+    if spec.response == "gamma":
+        return np.power(np.clip(logged, 0.0, None), spec.gamma).astype(np.float32)
+    if spec.response == "linear":
+        return (4.0 * (1.0 - np.exp(-np.clip(logged, 0.0, None) / 4.0))).astype(np.float32)
+    raise ValueError(f"unknown detector response {spec.response!r}")
+
+
+def _output_processing(pixels: np.ndarray, spec: PhantomSpec) -> np.ndarray:
+    """Randomised output LUT (an S-curve) and CLAHE on the 12-bit values; label-free by design."""
+    values = pixels.astype(np.float32) / 4095.0
+    if spec.lut:
+        curve = 1.0 / (1.0 + np.exp(-spec.lut * (values - 0.5 - spec.lut_shift)))
+        ends = 1.0 / (1.0 + np.exp(-spec.lut * (np.array([0.0, 1.0]) - 0.5 - spec.lut_shift)))
+        values = (curve - ends[0]) / max(float(ends[1] - ends[0]), 1e-6)
+    out = np.clip(np.rint(values * 4095.0), 0, 4095).astype(np.uint16)
+    if spec.clahe_clip:
+        clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(spec.clahe_tiles, spec.clahe_tiles))
+        out = (clahe.apply(out << 4) >> 4).astype(np.uint16)
+    return out
 
 
 def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) -> Rendering:
@@ -547,16 +664,24 @@ def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) 
     intensity += rng.standard_normal(intensity.shape).astype(np.float32) * np.sqrt(intensity / spec.photons)
     intensity = cv2.GaussianBlur(intensity, (0, 0), spec.blur_mm / mm_per_px)
     logged = -np.log(np.clip(intensity, 1e-6, None))
+    low, high = np.percentile(soft_line, [0.5, 99.0])
+    high += 0.3
+    if spec.response != "log":  # randomised detector response, applied alike to the soft-only image
+        logged, equalizer = _response(logged, spec), _response(equalizer, spec)
+        low, high = float(_response(np.float32(low), spec)), float(_response(np.float32(high), spec))
     # DX processing: edge enhancement (unsharp mask), then a linear map to 12 bits.
     blurred = cv2.GaussianBlur(logged, (0, 0), spec.edge_sigma_mm / mm_per_px)
     processed = logged + spec.edge_amount * (logged - blurred) - equalizer
+    if spec.second_edge_amount:
+        coarse = cv2.GaussianBlur(logged, (0, 0), spec.second_edge_sigma_mm / mm_per_px)
+        processed = processed + spec.second_edge_amount * (logged - coarse)
     # Mapping and window come from the soft-tissue-only image so they carry no bone information.
-    low, high = np.percentile(soft_line, [0.5, 99.0])
-    high += 0.3
     gain = (spec.dn_high - spec.dn_low) / max(float(high - low), 1e-3)
     values = spec.dn_low + gain * (processed - low)
     values += rng.standard_normal(values.shape).astype(np.float32) * spec.electronic_noise_dn
     pixels = np.clip(np.rint(values), 0, 4095).astype(np.uint16)
+    if spec.lut or spec.clahe_clip:
+        pixels = _output_processing(pixels, spec)
 
     width = (spec.dn_high - spec.dn_low) * spec.window_jitter[1]
     centre = (spec.dn_high + spec.dn_low) / 2 + spec.window_jitter[0] * width
@@ -740,10 +865,23 @@ def main(argv: list[str] | None = None) -> int:
                              "that no bone overlies (off-bone); bone mineral does not change with the class")
     parser.add_argument("--no-bone-change", action="store_true",
                         help="bone mineral fixed: labels carry no image information (null control)")
+    parser.add_argument("--bone-change-per-sd", default="exaggerated", metavar="EFFECT",
+                        help="mineral change per T-score SD: exaggerated (default, %s), realistic (%s) or "
+                             "CORTICAL,TRABECULAR" % (BONE_EFFECTS["exaggerated"], BONE_EFFECTS["realistic"]))
+    parser.add_argument("--randomise", action="store_true",
+                        help="broad domain randomisation of everything that carries no label (detector "
+                             "response and processing, LUTs, exposure, window, soft tissue, noise, blur, pose, "
+                             "field of view); labels and splits stay those of the same --seed without it")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        per_sd = parse_bone_change(args.bone_change_per_sd)
+    except ValueError as exc:
+        parser.error(f"--bone-change-per-sd: {exc}")
     options = GenerationOptions(
+        bone_change_per_sd=per_sd,
+        randomise=args.randomise,
         size=args.size,
         pixel_spacing=args.pixel_spacing,
         label_noise=args.label_noise,

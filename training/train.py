@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -50,7 +51,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from osteo_node.bundle import BUNDLES_DIR, export_bundle
+from osteo_node.bundle import BUNDLES_DIR, export_bundle, load_bundle
+from osteo_node.errors import BundleError
 from osteo_node.metrics import expected_calibration_error
 from osteo_node.model import (
     DEFAULT_NORMALISATION,
@@ -61,6 +63,7 @@ from osteo_node.model import (
     Classifier,
     ModelSpec,
     autocast,
+    backbone_blocks,
     build_classifier,
     trainable_parameter_count,
 )
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", metavar="PRESET_OR_JSON",
                    help=f"train a DINOv2-architecture ViT from scratch: a preset {sorted(PRESETS)} or a "
                         "JSON file of Dinov2Config fields; implies method partial over all blocks")
+    p.add_argument("--init-bundle", metavar="BUNDLE",
+                   help="start from a trained bundle (name or folder: backbone, head, input size, "
+                        "normalisation and pooling) and fine-tune every weight; a curriculum, e.g. "
+                        "from the exaggerated phantom effect to the realistic one")
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--partial-blocks", type=int, default=2)
     p.add_argument("--lora-rank", type=int, default=8)
@@ -171,6 +178,35 @@ def random_init_config(preset_or_json: str, family: str = "dinov2") -> dict[str,
     if not path.is_file():
         raise ValueError(f"--random-init {preset_or_json!r} is neither a preset {sorted(PRESETS)} nor a JSON file")
     return dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+@dataclass(frozen=True, eq=False)
+class BundleStart:
+    """A trained bundle to fine-tune (--init-bundle): its classifier, every weight trainable."""
+
+    classifier: Classifier
+    spec: ModelSpec
+    origin: dict[str, str]  # name, version, device UID of the starting bundle
+
+
+def bundle_start(name_or_path: str, input_size: int | None = None) -> BundleStart:
+    """Load a bundle as the starting point of training: method partial over every block (all
+    weights trainable, head included), its normalisation and pooling; `input_size` may change the
+    input resolution (DINOv2 interpolates its position embeddings). LoRA bundles are refused:
+    their adapters would need merging first."""
+    loaded = load_bundle(name_or_path)
+    if loaded.spec.method == "lora":
+        raise ValueError(f"--init-bundle {name_or_path}: LoRA bundles are not supported as a start")
+    depth = len(backbone_blocks(loaded.classifier.backbone))
+    spec = dataclasses.replace(loaded.spec, method="partial", partial_blocks=depth,
+                               input_size=input_size or loaded.spec.input_size)
+    classifier = loaded.classifier
+    classifier.spec = spec
+    classifier.requires_grad_(True)
+    classifier.train()
+    identity = loaded.identity
+    return BundleStart(classifier, spec, {"name": identity.name, "version": identity.version,
+                                          "device_uid": identity.device_uid})
 
 
 def macro_auc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -470,17 +506,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     dist_ctx, args.device = init_distributed(args.device)
     generator = seed_everything(args.seed)
 
-    if args.random_init is None and not args.source:
-        print("osteo-train train: give --source (pretrained backbone) or --random-init", file=sys.stderr)
+    starts = [name for name, value in (("--source", args.source), ("--random-init", args.random_init),
+                                       ("--init-bundle", args.init_bundle)) if value]
+    if len(starts) != 1:
+        print("osteo-train train: give exactly one of --source (pretrained backbone), --random-init or "
+              f"--init-bundle (got {starts or 'none'})", file=sys.stderr)
         return 2
     try:
         init_cfg = random_init_config(args.random_init, args.family) if args.random_init else None
-    except ValueError as exc:
+        initial = bundle_start(args.init_bundle, args.input_size) if args.init_bundle else None
+    except (ValueError, BundleError) as exc:
         print(f"osteo-train train: {exc}", file=sys.stderr)
         return 2
     input_size = args.input_size or int((init_cfg or {}).get("image_size", 224))
     mean, std = DEFAULT_NORMALISATION[args.family]
-    if init_cfg is not None:
+    if initial is not None:
+        spec = initial.spec
+        input_size = spec.input_size
+    elif init_cfg is not None:
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         spec = ModelSpec(family=args.family, source=f"random-init:{args.random_init}", method="partial",
                          partial_blocks=int(init_cfg["num_hidden_layers"]), input_size=input_size,
@@ -502,7 +545,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     train_set = CachedImages(by_split["train"], input_size)
     val_set = CachedImages(by_split["val"], input_size)
 
-    model = build_classifier(spec, random_init_config=init_cfg, local_files_only=not args.allow_download)
+    if initial is not None:
+        model = initial.classifier
+    else:
+        model = build_classifier(spec, random_init_config=init_cfg, local_files_only=not args.allow_download)
     logger.info("spec %s; %d trainable parameters", spec, trainable_parameter_count(model))
 
     out = BUNDLES_DIR / "reference" if args.export_reference else args.out
@@ -522,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_summary = {"manifest": str(args.manifest), "frontal_rows_per_split": counts,
                     "patients_train": len({r.patient_id for r in by_split["train"]}),
                     "seed": args.seed, "random_init": args.random_init, **summary}
+    if initial is not None:
+        data_summary["init_bundle"] = initial.origin
     intended_use = REFERENCE_INTENDED_USE if args.export_reference else DEFAULT_INTENDED_USE
     if args.export_reference:
         data_summary["data"] = "synthetic phantoms (osteo-train phantoms: DRRs of one CT); no patient data"
