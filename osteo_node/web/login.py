@@ -124,6 +124,7 @@ def _check_login(request: Request, name: str, password: str) -> tuple[str, str |
         with Session(ctx.engine) as session, session.begin():
             if ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
                 audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
+                ctx.throttle.failed(client, device)  # counts against the client, too
                 return "locked", None, ""
     user_id = ctx.sessions.authenticate(ctx.engine, name, password)  # slow; no transaction open
     with Session(ctx.engine) as session, session.begin():
