@@ -82,8 +82,8 @@ def hash_password(password: str) -> str:
         return _hasher.hash(password)
 
 
-#: Seconds the last real password checks took (a moving average); an attempt for an unknown
-#: name waits this long instead of hashing, so it costs no CPU yet gives no timing hint.
+#: Seconds the last 20 password checks took; an attempt for an unknown name waits their median
+#: instead of hashing, so it costs no CPU and gives about the same timing as a real check.
 _check_seconds: list[float] = []
 
 
@@ -100,9 +100,10 @@ def verify_password(password_hash: str, password: str) -> bool:
 
 
 def pretend_to_verify(password: str) -> None:
-    """As long as a real check, for a name that has no account (no hint that it does not exist);
-    asleep rather than hashing once real checks have been timed, so that a flood of made-up names
-    costs no CPU."""
+    """As long as a real check, for a name that has no account (little hint that it does not
+    exist); asleep rather than hashing once real checks have been timed, so that a flood of
+    made-up names costs no CPU. Under a flood a real check may also wait for its hashing slot,
+    which the sleep does not: the per-client throttle bounds how much an attacker can probe."""
     if len(_check_seconds) < 3:
         if not _dummy_hash:
             _dummy_hash.append(hash_password("not a password of anyone: timing reference"))

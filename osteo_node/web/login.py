@@ -10,11 +10,12 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from itsdangerous import BadSignature
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from .. import audit
@@ -88,6 +89,18 @@ def read_resume(request: Request, token: str, name: str) -> dict[str, Any] | Non
     return value
 
 
+#: Threads that may run login checks at once. Login checks get their own few threads so that a
+#: flood of them (each waits ~0.5 s for argon2) never takes the pool that serves every page.
+LOGIN_THREADS = 4
+
+
+def _login_threads(request: Request) -> anyio.CapacityLimiter:
+    limiter: anyio.CapacityLimiter | None = getattr(request.app.state, "login_threads", None)
+    if limiter is None:  # made in the server's event loop, on first use
+        limiter = request.app.state.login_threads = anyio.CapacityLimiter(LOGIN_THREADS)
+    return limiter
+
+
 @router.get("/login")
 def login_form(request: Request) -> HTMLResponse:
     return login_page(request)
@@ -111,6 +124,7 @@ def _check_login(request: Request, name: str, password: str) -> tuple[str, str |
         with Session(ctx.engine) as session, session.begin():
             if ctx.sessions.recent_failures(session, name, utcnow()) >= MAX_FAILED_LOGINS:
                 audit.record(session, name or "-", "login", "user", name, audit.DENIED, "locked out")
+                ctx.throttle.failed(client, device)  # counts against the client, too
                 return "locked", None, ""
     user_id = ctx.sessions.authenticate(ctx.engine, name, password)  # slow; no transaction open
     with Session(ctx.engine) as session, session.begin():
@@ -135,7 +149,8 @@ async def login(request: Request) -> Response:
         expected = None
     if not expected or not csrf_ok(str(expected), form.get("csrf_token")):  # type: ignore[arg-type]
         return login_page(request, "login_form_expired", 403, name=name, resume=resume)
-    code, signed_in_as, cookie = await run_in_threadpool(_check_login, request, name, password)
+    code, signed_in_as, cookie = await anyio.to_thread.run_sync(
+        _check_login, request, name, password, limiter=_login_threads(request))
     if signed_in_as is None:
         refused = login_page(request, code, 429 if code == "throttled" else 401, name=name,
                              resume=resume)
