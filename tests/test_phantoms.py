@@ -357,3 +357,12 @@ def test_randomise_changes_nothing_that_carries_a_label() -> None:
     spec = next(s for s in randomised if s.view == "PA" and s.response != "log" and not s.clahe_clip)
     contrasts = [_bone_contrast(phantoms.render(dataclasses.replace(spec, t_score=t), SIZE)) for t in (1.5, -4.0)]
     assert contrasts[0] > contrasts[1], contrasts
+
+
+def test_command_line_names_a_bad_bone_change(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "phantoms", "--n", "1", "--out", str(tmp_path / "x"),
+         "--bone-change-per-sd", "strong"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=False,
+    )
+    assert result.returncode == 2 and "--bone-change-per-sd" in result.stderr and "'strong'" in result.stderr

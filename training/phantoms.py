@@ -866,8 +866,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bone-change", action="store_true",
                         help="bone mineral fixed: labels carry no image information (null control)")
     parser.add_argument("--bone-change-per-sd", default="exaggerated", metavar="EFFECT",
-                        help="mineral change per T-score SD: exaggerated (default, %s), realistic (%s) or "
-                             "CORTICAL,TRABECULAR" % (BONE_EFFECTS["exaggerated"], BONE_EFFECTS["realistic"]))
+                        help=f"mineral change per T-score SD: exaggerated (default, {BONE_EFFECTS['exaggerated']}), "
+                             f"realistic ({BONE_EFFECTS['realistic']}) or CORTICAL,TRABECULAR")
     parser.add_argument("--randomise", action="store_true",
                         help="broad domain randomisation of everything that carries no label (detector "
                              "response and processing, LUTs, exposure, window, soft tissue, noise, blur, pose, "
