@@ -223,9 +223,9 @@ class Destination(_Section):
     #: Base URL of the DICOMweb service (STOW-RS posts to URL/studies).
     url: str | None = None
     auth: DicomwebAuth | None = None
-    #: Verify the server's HTTPS certificate (against `ca`, or the system trust store).
+    #: Verify the server's HTTPS certificate (against `ca`, or Python's standard CA bundle, certifi).
     verify_tls: bool = True
-    #: PEM CA bundle for the server's certificate; absent: the system trust store.
+    #: PEM CA bundle for the server's certificate; absent: Python's standard bundle (certifi).
     ca: ConfigFile | None = None
     #: Seconds to wait for the DICOMweb server to connect and to answer.
     timeout_s: float = Field(default=60.0, gt=0, le=3600)

@@ -32,15 +32,19 @@ def purge(engine: Engine, store: FileStore, retention_days: int) -> int:
     unfinished = exists().where(Job.instance_id == Instance.id, Job.state != DONE)
     with Session(engine) as session:
         rows = session.execute(
-            select(Instance.id, Instance.path).where(
+            select(Instance.id, Instance.path, Instance.sop_instance_uid).where(
                 Instance.received_at < cutoff, Instance.purged_at.is_(None), ~unfinished
             )
         ).all()
         ids = [row.id for row in rows]
+        source_uid = {row.id: row.sop_instance_uid for row in rows}
         outputs = session.execute(
-            select(Result.sr_path, Result.sc_path).where(Result.instance_id.in_(ids))
+            select(Result.instance_id, Result.device_uid, Result.sr_path, Result.sc_path)
+            .where(Result.instance_id.in_(ids))
         ).all() if ids else []
-    for relative in [r.path for r in rows if r.path] + [p for pair in outputs for p in pair]:
+    # The KOS has no column: its path is derived from the source and the model, like when written.
+    kos = [store.output_path(source_uid[o.instance_id], o.device_uid, "kos") for o in outputs]
+    for relative in [r.path for r in rows if r.path] + [p for o in outputs for p in (o.sr_path, o.sc_path)] + kos:
         store.delete(relative)
     if ids:
         with Session(engine) as session, session.begin():

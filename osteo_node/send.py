@@ -17,6 +17,7 @@ import logging
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -127,12 +128,26 @@ def send_files(
 # --------------------------------------------------------------------------------------------
 
 
+class _Session(requests.Session):
+    """A requests session whose TLS verification is the destination's, whatever the environment.
+
+    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the session's `verify` for any
+    request that does not pass its own (dicomweb-client passes none): the configured `ca` and
+    `verify_tls` would silently lose to the environment. Proxies from the environment still apply.
+    """
+
+    def merge_environment_settings(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        settings: dict[str, Any] = super().merge_environment_settings(*args, **kwargs)
+        settings["verify"] = self.verify
+        return settings
+
+
 @contextlib.contextmanager
 def _client(destination: Destination, timeout_s: float) -> Iterator[DICOMwebClient]:
     """A DICOMweb client for `destination`: its auth, TLS verification and timeout, no retries;
     its HTTP session (connections) closed on the way out."""
     assert destination.url is not None, "a dicomweb destination has a url (config validation)"
-    with requests.Session() as session:
+    with _Session() as session:
         auth = destination.auth
         if auth is not None and auth.token is not None:
             session.headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"

@@ -14,6 +14,7 @@ import json
 import mimetypes
 import os
 import re
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,7 +34,7 @@ def pinned_version() -> str:
     return match.group(1)
 
 #: Request headers passed on to Orthanc (the rest, e.g. the browser's cookies, stay here).
-_FORWARD_REQUEST = ("Accept", "Content-Type", "Range")
+_FORWARD_REQUEST = ("Accept", "Content-Type", "Range", "Authorization")
 #: Response headers passed back to the browser.
 _FORWARD_RESPONSE = ("Content-Type", "Content-Length", "Content-Range", "Content-Encoding")
 
@@ -56,6 +57,63 @@ def require_ohif() -> Path:
             pytest.fail(f"{problem}; CI must have it")
         pytest.skip(problem)
     return dist
+
+
+def forward(handler: BaseHTTPRequestHandler, upstream_port: int) -> None:
+    """Pass the request `handler` holds to 127.0.0.1:`upstream_port` and its answer back."""
+    length = int(handler.headers.get("Content-Length") or 0)
+    body = handler.rfile.read(length) if length else None
+    headers = {k: v for k in _FORWARD_REQUEST if (v := handler.headers.get(k))}
+    connection = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=120)
+    try:
+        connection.request(handler.command, handler.path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    handler.send_response(response.status)
+    for key in _FORWARD_RESPONSE:
+        if key != "Content-Length" and (value := response.getheader(key)):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(data)
+
+
+class HttpsProxy:
+    """HTTPS on 127.0.0.1:`port` in front of an HTTP server (as a hospital's TLS proxy in front of
+    Orthanc), with the certificate and key given; Authorization is passed through."""
+
+    def __init__(self, upstream_port: int, port: int, cert: Path, key: Path) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                forward(self, upstream_port)
+
+            def do_POST(self) -> None:
+                forward(self, upstream_port)
+
+        self.url = f"https://127.0.0.1:{port}"
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.httpd.daemon_threads = True
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "HttpsProxy":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
 
 
 def app_config(origin: str) -> str:
@@ -149,24 +207,7 @@ class OhifServer:
                     self.wfile.write(body)
 
             def _proxy(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                headers = {k: v for k in _FORWARD_REQUEST if (v := self.headers.get(k))}
-                connection = http.client.HTTPConnection("127.0.0.1", server.orthanc_port, timeout=120)
-                try:
-                    connection.request(self.command, self.path, body=body, headers=headers)
-                    response = connection.getresponse()
-                    data = response.read()
-                finally:
-                    connection.close()
-                self.send_response(response.status)
-                for key in _FORWARD_RESPONSE:
-                    if key != "Content-Length" and (value := response.getheader(key)):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                forward(self, server.orthanc_port)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True

@@ -33,8 +33,10 @@ def test_purge_keeps_anything_unsent_or_recent(tmp_path: Path, database_url: str
                                                         "MOD", True, "eligible"))
         infer = queue.claim("w", 60, kinds=[INFER])
         sr, sc = store.output_path(uid, "9.9", "sr"), store.output_path(uid, "9.9", "sc")
+        kos = store.output_path(uid, "9.9", "kos")
         store.write(sr, b"sr")
         store.write(sc, b"sc")
+        store.write(kos, b"kos")
         row = Result(instance_id=instance_id, device_uid="9.9", model_name="m", model_version="1",
                      p_normal=1, p_osteopenia=0, p_osteoporosis=0, category="normal", sr_path=sr,
                      sc_path=sc, sr_sop_instance_uid=uid + ".1", sc_sop_instance_uid=uid + ".2")
@@ -49,7 +51,7 @@ def test_purge_keeps_anything_unsent_or_recent(tmp_path: Path, database_url: str
         with Session(engine) as session, session.begin():
             session.execute(update(Instance).where(Instance.id == instance_id)
                             .values(received_at=utcnow() - dt.timedelta(days=age_days)))
-        files[uid] = [store.absolute(p) for p in (path, sr, sc)]
+        files[uid] = [store.absolute(p) for p in (path, sr, sc, kos)]
 
     screened("1.1", 40, "done")
     screened("1.2", 40, "failed")  # dead-lettered send: never delivered

@@ -10,9 +10,11 @@ import pytest
 from conftest import free_port
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
+from ohif import HttpsProxy
 from orthanc import Orthanc
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from test_tls import pki  # noqa: F401  (the test CA and certificates fixture)
 
 from osteo_node.config import Destination
 from osteo_node.errors import SendError
@@ -24,8 +26,7 @@ USER, PASSWORD = "node", "pw-7c1d0e5b"
 
 
 def dicomweb(pacs: Orthanc, **keys: object) -> Destination:
-    return Destination.model_validate({"name": "web", "kind": "dicomweb", "url": pacs.dicomweb_url,
-                                       **keys})
+    return Destination.model_validate({"name": "web", "kind": "dicomweb", "url": pacs.dicomweb_url, **keys})
 
 
 def files() -> list[Path]:
@@ -63,6 +64,26 @@ def test_basic_auth_and_refusals_name_no_secret(tmp_path: Path) -> None:
                 assert "HTTP 401" in str(info.value) and "authentication refused" in str(info.value)
                 assert secret not in str(info.value) and PASSWORD not in str(info.value)
         assert len(pacs.get("/instances")) == 1
+    finally:
+        pacs.stop()
+
+
+def test_https_verifies_the_server_certificate(tmp_path: Path, pki: Path) -> None:  # noqa: F811
+    """verify_tls (default true) checks the server's certificate against `ca`, else the system
+    trust store; a certificate from another CA is refused; verify_tls = false is the opt-out.
+    The HTTPS server is a TLS proxy in front of Orthanc (Debian's Orthanc 1.10 drops HTTPS
+    connections here), with basic auth passed through."""
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True, http_user=(USER, PASSWORD)).start()
+    auth = {"user": USER, "password": PASSWORD}
+    try:
+        with HttpsProxy(pacs.http_port, free_port(), pki / "server.crt", pki / "server.key") as proxy:
+            url = f"{proxy.url}/dicom-web"
+            send_files(dicomweb(pacs, url=url, auth=auth, ca=str(pki / "ca.crt")), files()[:1], "OSTEO_NODE")
+            for keys in ({}, {"ca": str(pki / "rogue.crt")}):  # system trust store; another CA
+                with pytest.raises(SendError, match="STOW-RS failed: SSLError"):
+                    send_files(dicomweb(pacs, url=url, auth=auth, **keys), files(), "OSTEO_NODE")
+            send_files(dicomweb(pacs, url=url, auth=auth, verify_tls=False), files(), "OSTEO_NODE")
+        assert len(pacs.get("/instances")) == 2
     finally:
         pacs.stop()
 
@@ -109,3 +130,34 @@ def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_
         node.stop()
         pacs.stop()
     assert PASSWORD not in node.log()
+
+
+def test_check_probes_a_dicomweb_destination_without_showing_its_secret(tmp_path: Path) -> None:
+    """`osteo-node check` runs the QIDO-RS probe: FAIL with the reason while Orthanc is down or the
+    password is wrong, ok once both are right; the password is never printed."""
+    import subprocess
+    import sys
+
+    pacs = Orthanc(tmp_path / "orthanc", free_port(), dicomweb=True, http_user=(USER, PASSWORD))
+
+    def check(password: str) -> subprocess.CompletedProcess[str]:
+        config = write_config(tmp_path, database_url=f"sqlite:///{tmp_path}/db.sqlite3", bundle="reference",
+                              pacs_port=0, destinations=[{"name": "vna", "kind": "dicomweb",
+                                                          "url": pacs.dicomweb_url,
+                                                          "auth": {"user": USER, "password": password}}])
+        return subprocess.run([sys.executable, "-m", "osteo_node.cli", "check", "--config", str(config)],
+                              capture_output=True, text=True, timeout=300)
+
+    down = check(PASSWORD)
+    assert "FAIL destination vna (QIDO-RS): destination 'vna' (DICOMweb " in down.stdout, down.stdout
+    assert "QIDO-RS query failed: ConnectionError" in down.stdout
+    pacs.start()
+    try:
+        refused, ok = check("wrong-password-2"), check(PASSWORD)
+    finally:
+        pacs.stop()
+    assert "FAIL destination vna (QIDO-RS)" in refused.stdout and "HTTP 401" in refused.stdout
+    assert "ok   destination vna (QIDO-RS)" in ok.stdout, ok.stdout
+    for result in (down, refused, ok):
+        assert PASSWORD not in result.stdout + result.stderr
+        assert "wrong-password-2" not in result.stdout + result.stderr
