@@ -22,7 +22,8 @@ fi
 # .ohif/ (ignored by git), checked against the tarball's SHA-512. tests/ohif.py reads the pin here.
 OHIF_VERSION=3.13.2
 OHIF_SHA512=5997719a9986eeba85816f5924b71b82bdd70ad2e2d4a0cd3e831a798e4f3deea3e06e1f8c48e393271933a0ba664d85f3b04ac457e9abe8dde715d907d13c10
-if [[ ! -f .ohif/package/dist/index.html ]] || ! grep -q "\"version\": \"$OHIF_VERSION\"" .ohif/package/package.json; then
+# Only for the tests (--system, as `make test` asks); `make serve` needs no viewer.
+if [[ "${1:-}" == "--system" ]] && { [[ ! -f .ohif/package/dist/index.html ]] || ! grep -q "\"version\": \"$OHIF_VERSION\"" .ohif/package/package.json; }; then
   if command -v npm >/dev/null; then
     rm -rf .ohif && mkdir -p .ohif
     (cd .ohif && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
