@@ -132,6 +132,7 @@ def test_results_reach_a_dicomweb_pacs_after_an_outage(tmp_path: Path, database_
     assert PASSWORD not in node.log()
 
 
+@pytest.mark.slow
 def test_check_probes_a_dicomweb_destination_without_showing_its_secret(tmp_path: Path) -> None:
     """`osteo-node check` runs the QIDO-RS probe: FAIL with the reason while Orthanc is down or the
     password is wrong, ok once both are right; the password is never printed."""
