@@ -42,7 +42,7 @@ from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
 from .pipeline import Examined, Loaded, Screening
 from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
-from .operating_point import bundle_thresholds
+from .operating_point import bundle_thresholds, manifest_thresholds
 from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
@@ -230,6 +230,8 @@ class Worker:
         result = self._latest_result(job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         defaults = bundle_thresholds(self.settings)  # read each time: the bundle may have changed
+        if self.inference is not None:  # and the model this worker runs, whatever the config says
+            defaults.update(manifest_thresholds(self.inference.bundle.manifest))
         try:
             outcome = refer(self.queue.engine, self.settings.referral.policy(),
                             PatientStudy.from_dataset(header), result, bundle_thresholds=defaults)
