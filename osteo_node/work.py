@@ -40,9 +40,9 @@ from .encode import to_bytes
 from .errors import ImageError, JobError, SendError
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
+from .operating_point import bundle_thresholds, manifest_thresholds
 from .pipeline import Examined, Loaded, Screening
 from .queue import INFER, REFER, SEND, JobRecord, Queue, RetryPolicy
-from .operating_point import bundle_thresholds, manifest_thresholds
 from .refer import PatientStudy, refer
 from .send import send_files
 from .store import FileStore
