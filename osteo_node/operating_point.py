@@ -103,19 +103,24 @@ class OperatingPoint(Thresholds):
 
 
 def configured_bundles(settings: Settings) -> list[str]:
-    """The bundles this node runs (their manifests give the default thresholds)."""
-    return [settings.model.bundle]
+    """The bundles this node runs, live and shadow (their manifests give the default thresholds)."""
+    return [settings.model.bundle, *settings.model.shadow]
+
+
+def manifest_thresholds(manifest: Mapping[str, Any]) -> dict[str, Thresholds]:
+    """{Device UID: thresholds} of one bundle manifest ({} when it has no thresholds)."""
+    values = manifest.get("thresholds") or {}
+    if "low_bmd" not in values or "osteoporosis" not in values:
+        return {}
+    return {str(manifest["device_uid"]): Thresholds(float(values["low_bmd"]),
+                                                    float(values["osteoporosis"]))}
 
 
 def bundle_thresholds(settings: Settings) -> dict[str, Thresholds]:
     """Device UID -> thresholds of every configured bundle, read from bundle.json (no torch)."""
-    out = {}
+    out: dict[str, Thresholds] = {}
     for bundle in configured_bundles(settings):
-        manifest = read_manifest(resolve_bundle_path(bundle))
-        values = manifest.get("thresholds") or {}
-        if "low_bmd" in values and "osteoporosis" in values:
-            out[str(manifest["device_uid"])] = Thresholds(float(values["low_bmd"]),
-                                                          float(values["osteoporosis"]))
+        out.update(manifest_thresholds(read_manifest(resolve_bundle_path(bundle))))
     return out
 
 

@@ -49,9 +49,9 @@ from .errors import ImageError, JobError, SendError
 from .flow import INFER, STEPS, shadow_runs
 from .infer import Inference
 from .observe import FAILED, PROCESSED, SENT, STAGE_SECONDS
+from .operating_point import bundle_thresholds, manifest_thresholds
 from .pipeline import Examined, Loaded, Screening
 from .queue import JobRecord, Outcome, Queue, RetryPolicy
-from .operating_point import bundle_thresholds
 from .refer import PatientStudy, refer
 from .roles import ModelRoles, assignment_version, model_roles
 from .send import send_files
@@ -302,6 +302,8 @@ class Worker:
         result = self._live_result(job.instance_id)
         header = dcmread(self._stored(job.instance_id)[1], stop_before_pixels=True)
         defaults = bundle_thresholds(self.settings)  # read each time: the bundle may have changed
+        if self.inference is not None:  # and the model this worker runs, whatever the config says
+            defaults.update(manifest_thresholds(self.inference.bundle.manifest))
         try:
             outcome = refer(self.queue.engine, self.settings.referral,
                             PatientStudy.from_dataset(header), result, bundle_thresholds=defaults)
