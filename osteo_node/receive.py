@@ -7,7 +7,9 @@ durably and record the instance and its job in one transaction. It never decodes
 Each data set is streamed to a temporary file while its P-DATA arrive (pynetdicom's
 STORE_RECV_CHUNKED_DATASET) and its write-back to disk is started as it grows (`_WriteBack`),
 so that when the last PDU is in, the bytes are mostly on disk already: the handler reads the
-header, fsyncs (short) and renames the file into the store. See docs/performance.md.
+header, fsyncs (short) and renames the file into the store, then commits the instance while the
+store's folder is fsynced (`FileStore.adopt`): two cache flushes per image, one after the other.
+See docs/performance.md.
 """
 
 from __future__ import annotations
