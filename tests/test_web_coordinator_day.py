@@ -50,7 +50,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Engine, list[int]]]:
     for i, name in enumerate(("Rossi^Maria", "Keller^Ruth", "Meier^Anna")):
         result = make_result(engine, p_open=0.2, p_op=0.7)
         study = study_of(result, patient=f"PAT{i}", age=66.0 + i)
-        outcome = refer(engine, ReferralPolicy(), study, result)
+        outcome = refer(engine, ReferralPolicy(osteoporosis_threshold=0.5, low_bmd_threshold=0.8), study, result)
         assert outcome.referral_id is not None
         ids.append(outcome.referral_id)
         set_referral(engine, outcome.referral_id, patient_name=name,

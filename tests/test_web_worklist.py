@@ -82,7 +82,8 @@ def test_phone_and_referring_physician_are_copied_from_the_header(engine: Engine
     assert study.patient_phone == "+41 44 123 45 67, 079 555 12 12"
     assert study.referring_physician == "House^Gregory"
     result = make_result(engine, p_open=0.2, p_op=0.7)
-    outcome = refer(engine, ReferralPolicy(allow_unknown_age=True), study, result)
+    outcome = refer(engine, ReferralPolicy(allow_unknown_age=True, osteoporosis_threshold=0.5,
+                                           low_bmd_threshold=0.8), study, result)
     with Session(engine) as session:
         referral = session.get(Referral, outcome.referral_id)
         assert referral is not None and referral.patient_phone.startswith("+41")
