@@ -36,9 +36,9 @@ from safetensors.torch import load_file, save_file
 
 from osteo_node import __version__
 from osteo_node.errors import BundleError
+
 # The manifest is read without torch (osteo_node.manifest); BUNDLES_DIR and REFERENCE_COMMAND stay importable here.
-from osteo_node.manifest import (  # noqa: F401
-    BUNDLES_DIR, MANIFEST, REFERENCE_COMMAND, read_manifest, resolve_bundle_path)
+from osteo_node.manifest import BUNDLES_DIR, MANIFEST, REFERENCE_COMMAND, read_manifest, resolve_bundle_path  # noqa: F401
 from osteo_node.model import CamChoice, Classifier, ModelSpec, build_classifier, cam_target
 from osteo_node.records import CLASS_NAMES, ModelIdentity
 

@@ -2,8 +2,9 @@
 
 An image is exported when a DXA result pairs with it (`pair_dxa`, over osteo_node.pairing, the
 pairing site validation uses): each DXA result with the same patient's (PatientID + Issuer)
-screened image nearest in time, within `[validation] match_window_days`. The copy is de-identified (osteo_node.deidentify) and one row goes into
-`manifest.csv`, in the columns `osteo-train train`, `sweep` and `evaluate` read
+screened image nearest in time, within `[validation] match_window_days`. The copy is
+de-identified (osteo_node.deidentify) and one row goes into `manifest.csv`, in the columns
+`osteo-train train`, `sweep` and `evaluate` read
 (training/data.py): `file`, `patient_id` (pseudonym), `t_score` (the lowest of the DXA's
 T-scores), `class` (its WHO category), `age`, `sex`, `view`, `split`; plus `modality`,
 `manufacturer` and `dxa_interval_days` for subgroups. Splits are per patient and stable: a

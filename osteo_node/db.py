@@ -2,7 +2,8 @@
 
 SQLite (the embedded default) runs in WAL mode with full fsync, and every transaction starts
 with BEGIN IMMEDIATE so that two processes never interleave a read-then-write (job claims stay
-exclusive); a connection with the READ_ONLY options begins a plain read transaction instead. PostgreSQL claims jobs with FOR UPDATE SKIP LOCKED (see queue.py).
+exclusive); a connection with the READ_ONLY options begins a plain read transaction instead.
+PostgreSQL claims jobs with FOR UPDATE SKIP LOCKED (see queue.py).
 """
 
 from __future__ import annotations

@@ -195,7 +195,8 @@ def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BIN
         acc[b] = correct[index == b].mean()
         conf[b] = confidence[index == b].mean()
     filled = counts > 0
-    ece = float(np.sum(counts[filled] * np.abs(acc[filled] - conf[filled])) / max(1, len(y))) if len(y) else float("nan")
+    gaps = np.sum(counts[filled] * np.abs(acc[filled] - conf[filled]))
+    ece = float(gaps / max(1, len(y))) if len(y) else float("nan")
     return ReliabilityBins(edges=edges, counts=counts, accuracy=acc, confidence=conf, ece=ece)
 
 

@@ -178,9 +178,8 @@ class Node:
         try:
             self._runtime = runtime = open_runtime(settings)
             if self.work:
-                from .work import Worker
-
                 from .roles import model_roles
+                from .work import Worker
 
                 roles = model_roles(settings, runtime.engine)
                 log.info("live model: %s %s (Device UID %s); shadows: %s", roles.live.name,

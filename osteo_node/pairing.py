@@ -3,8 +3,9 @@
 A DXA result (one not superseded by a correction) is paired with a screened image of the same
 patient (PatientID + Issuer of Patient ID) taken at most `[validation] match_window_days` days
 before or after the DXA; when several images qualify, the nearest in time wins (then the earlier
-one, then the first recorded, as osteo_node.dxa.nearest_image decides when a result comes in). The lowest T-score gives the WHO
-category, the truth the model is measured against. Images without a date cannot be paired.
+one, then the first recorded, as osteo_node.dxa.nearest_image decides when a result comes in).
+The lowest T-score gives the WHO category, the truth the model is measured against. Images
+without a date cannot be paired.
 
 Pairing does not depend on the model: each model that screened the paired image (live or shadow)
 is measured on that pair, so two models are compared on the same images.

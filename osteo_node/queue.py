@@ -25,8 +25,8 @@ from .db import READ_ONLY, Instance, Job, utcnow
 from .flow import INFER as INFER  # re-exported: the kinds are named in flow.py
 from .flow import RECEIVED, STEPS, FollowUp
 from .flow import REFER as REFER
-from .flow import SHADOW as SHADOW
 from .flow import SEND as SEND
+from .flow import SHADOW as SHADOW
 
 log = logging.getLogger(__name__)
 

@@ -116,8 +116,9 @@ def _floor_receiver(connection: socket.socket, folder: Path, name: str) -> None:
 def floor_rate(files: Sequence[Path], associations: int, folder: Path) -> float:
     """Images/s of the physical floor of a durable receive on this machine: each file's bytes read
     and sent over a loopback TCP connection, streamed into a new file on the store's disk with its
-    write-back started as it arrives, and fsynced (one cache flush), then answered with one byte before the next is sent; `associations`
-    connections at once, each sending its share of the files one at a time, as storescu does.
+    write-back started as it arrives, and fsynced (one cache flush), then answered with one byte
+    before the next is sent; `associations` connections at once, each sending its share of the
+    files one at a time, as storescu does.
     No DICOM, no database, no folder fsync: what any receiver that answers only once the bytes
     are on disk pays at the least."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -109,7 +109,8 @@ def referral_list(request: Request, user: SignedIn = Depends(coordinator)) -> HT
         return page(request, "worklist.html", user, rows=rows, total=total, counts=counts,
                     params=kept, filters=filters, page_no=page_no, pages=pages, statuses=STATUSES,
                     risks=CLASS_NAMES, sorts=worklist.SORTS, query=urllib.parse.urlencode(kept),
-                    last_dxa=last_dxa, model_warning=model_warning, waiting={r.id: worklist.days_waiting(r, now) for r in rows},
+                    last_dxa=last_dxa, model_warning=model_warning,
+                    waiting={r.id: worklist.days_waiting(r, now) for r in rows},
                     link=lambda **extra: "?" + urllib.parse.urlencode(
                         {**kept, **{k: v for k, v in extra.items() if v is not None}}))
 
