@@ -350,7 +350,8 @@ def _body_paths(spec: SiteSpec, anatomy: Anatomy) -> np.ndarray:
         lung_low, lung_high = anatomy.lung_v_range
         centre_v = lung_low + height * (lung_high - lung_low)
         for side in (-1.0, 1.0):
-            r2 = ((uu - (nu * anatomy.du_mm / 2 + side * offset)) / radius) ** 2 + ((vv - centre_v) / (0.9 * radius)) ** 2
+            r2 = (((uu - (nu * anatomy.du_mm / 2 + side * offset)) / radius) ** 2
+                  + ((vv - centre_v) / (0.9 * radius)) ** 2)
             path += density * depth * np.clip(1.0 - r2, 0.0, None) ** 0.7
     return path
 
@@ -410,7 +411,8 @@ def _pyramid_enhance(image: np.ndarray, gain: float, levels: int = 4) -> np.ndar
     out = gaussians[-1]
     for level in range(levels - 1, -1, -1):
         up = cv2.pyrUp(out, dstsize=(gaussians[level].shape[1], gaussians[level].shape[0]))
-        detail = gaussians[level] - cv2.pyrUp(gaussians[level + 1], dstsize=(gaussians[level].shape[1], gaussians[level].shape[0]))
+        size = (gaussians[level].shape[1], gaussians[level].shape[0])
+        detail = gaussians[level] - cv2.pyrUp(gaussians[level + 1], dstsize=size)
         scale = float(np.percentile(np.abs(detail), 99)) + 1e-6
         boosted = scale * np.sign(detail) * (np.abs(detail) / scale) ** 0.7
         out = up + (1.0 + gain * (level >= 1)) * boosted
@@ -426,7 +428,8 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
     rows, cols = size, round(size * field_cols / field_rows)
     map_u, map_v = _detector_maps(spec, nu, nv, anatomy.du_mm, anatomy.dv_mm, rows, cols)
     soft_d = cv2.remap(np.ascontiguousarray(soft.T), map_u, map_v, cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
-    mineral_d = cv2.remap(np.ascontiguousarray(mineral.T), map_u, map_v, cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
+    mineral_d = cv2.remap(np.ascontiguousarray(mineral.T), map_u, map_v, cv2.INTER_CUBIC,
+                          borderMode=cv2.BORDER_CONSTANT)
     soft_d, mineral_d = np.clip(soft_d, 0, None), np.clip(mineral_d, 0, None)
 
     # Polychromatic primary: each energy bin attenuated by soft tissue and mineral separately.
@@ -451,8 +454,10 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
     intensity = intensity + quantum * np.sqrt(np.clip(intensity, 1e-6, None) / spec.photons)
     blurred = cv2.GaussianBlur(intensity, (0, 0), spec.blur_mm / mm_px)
     if spec.halo_weight:
-        blurred = (1 - spec.halo_weight) * blurred + spec.halo_weight * cv2.GaussianBlur(intensity, (0, 0), spec.halo_mm / mm_px)
-    gain = 1.0 + spec.gain_nonuniformity * cv2.GaussianBlur(rng.standard_normal((rows, cols)).astype(np.float32), (0, 0), 40)
+        halo = cv2.GaussianBlur(intensity, (0, 0), spec.halo_mm / mm_px)
+        blurred = (1 - spec.halo_weight) * blurred + spec.halo_weight * halo
+    pattern = rng.standard_normal((rows, cols)).astype(np.float32)
+    gain = 1.0 + spec.gain_nonuniformity * cv2.GaussianBlur(pattern, (0, 0), 40)
     signal = np.clip(blurred * gain, 1e-5, None)
 
     field = np.ones((rows, cols), bool)
@@ -478,7 +483,8 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
     else:
         # Gamma (power-law) response of the DR detector instead of a log, inverted so that
         # attenuation is bright (MONOCHROME2), then CLAHE and an unsharp mask.
-        value = 1.0 - signal ** spec.response_gamma / max(float(np.percentile(signal ** spec.response_gamma, 99.8)), 1e-6)
+        response = signal ** spec.response_gamma
+        value = 1.0 - response / max(float(np.percentile(response, 99.8)), 1e-6)
         value = np.clip(value, 0.0, 1.0)
         clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
         equalised = clahe.apply(np.clip(np.rint(value * 65535), 0, 65535).astype(np.uint16)).astype(np.float32) / 65535
@@ -585,7 +591,8 @@ def build_dataset(spec: SiteSpec, rendering: SiteRendering, size: int) -> Datase
         ds.PositionerType = "COLUMN"
         ds.DistanceSourceToPatient = round(spec.sid_mm - spec.table_gap_mm - 150.0, 1)
         ds.ViewCodeSequence = Sequence(
-            [_code("399352003", "SCT", "left lateral") if spec.view == "LATERAL" else _code("399348003", "SCT", "postero-anterior")]
+            [_code("399352003", "SCT", "left lateral") if spec.view == "LATERAL"
+             else _code("399348003", "SCT", "postero-anterior")]
         )
         ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
         ds.AcquisitionContextSequence = Sequence([])
