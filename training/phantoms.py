@@ -30,8 +30,10 @@ import math
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -825,23 +827,31 @@ def generate(out: Path, n: int, seed: int, options: GenerationOptions, workers: 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     specs, splits = draw_cohort(n, seed, options)
+    jobs = [(spec, out, options.size, options.spacing_mm) for spec in specs]
+    return write_cohort(out, jobs, _write_one, [splits[spec.patient_index] for spec in specs],
+                        workers, "phantoms")
+
+
+def write_cohort(out: Path, jobs: list[Any], write_one: Callable[[Any], dict[str, str]],
+                 splits: list[str], workers: int, what: str) -> Path:
+    """Write each job's image and masks with `write_one` (in `workers` forked processes), then
+    `manifest.csv` with each row's split; the one writer of a cohort, for every rendering chain."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    jobs = [(spec, out, options.size, options.spacing_mm) for spec in specs]
     started = time.perf_counter()
     if workers == 1:
-        rows = [_write_one(job) for job in jobs]
+        rows = [write_one(job) for job in jobs]
     else:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
-    for spec, row in zip(specs, rows):
-        row["split"] = splits[spec.patient_index]
+            rows = pool.map(write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
+    for row, split in zip(rows, splits):
+        row["split"] = split
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-    logger.info("wrote %d phantoms to %s in %.1f s", len(rows), out, time.perf_counter() - started)
+    logger.info("wrote %d %s to %s in %.1f s", len(rows), what, out, time.perf_counter() - started)
     return manifest
 
 

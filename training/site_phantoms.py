@@ -41,13 +41,10 @@ patient-level splits), so `osteo-train evaluate --manifest DIR/manifest.csv --sp
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import logging
 import math
-import multiprocessing
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,11 +61,11 @@ from osteo_node.uids import derived_uid
 from .phantoms import (
     DX_FOR_PRESENTATION,
     GROUP_IDS,
-    MANIFEST_COLUMNS,
     MASK_NAMES,
     SPLITS,
     Anatomy,
     load_anatomy,
+    write_cohort,
 )
 
 logger = logging.getLogger(__name__)
@@ -646,24 +643,9 @@ def generate_site(out: str | Path, n: int, seed: int = 0, options: SiteOptions |
     out = Path(out)
     options = options or SiteOptions()
     specs, splits = draw_cohort(n, seed, options)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
     jobs = [(spec, out, options.size) for spec in specs]
-    started = time.perf_counter()
-    if workers == 1:
-        rows = [_write_one(job) for job in jobs]
-    else:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            rows = pool.map(_write_one, jobs, chunksize=max(1, len(jobs) // (workers * 8)))
-    for spec, row in zip(specs, rows):
-        row["split"] = splits[spec.patient_index]
-    manifest = out / "manifest.csv"
-    with manifest.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(MANIFEST_COLUMNS), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    logger.info("wrote %d site images to %s in %.1f s", len(rows), out, time.perf_counter() - started)
-    return manifest
+    return write_cohort(out, jobs, _write_one, [splits[spec.patient_index] for spec in specs],
+                        workers, "site images")
 
 
 def main(argv: list[str] | None = None) -> int:
