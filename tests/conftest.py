@@ -91,3 +91,20 @@ def e2e_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tinymodels import export_tiny_bundle
 
     return str(export_tiny_bundle(tmp_path_factory.mktemp("bundle"), "tiny-e2e"))
+
+
+#: The simulated new site of the end-to-end tests (test_site_e2e, test_site_validation_e2e): one
+#: cohort of the second rendering chain, rendered once per run. 140 images give about 110 screened
+#: women with a DXA result, enough for the reference's low-BMD AUC CI to exclude 0.75 there.
+SITE_IMAGES = 140
+SITE_SEED = 7
+
+
+@pytest.fixture(scope="session")
+def site_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the site's images/ and manifest.csv (training.site_phantoms.generate_site)."""
+    from training.site_phantoms import SiteOptions, generate_site
+
+    out = tmp_path_factory.mktemp("site")
+    generate_site(out, SITE_IMAGES, seed=SITE_SEED, options=SiteOptions(size=256), workers=2)
+    return out

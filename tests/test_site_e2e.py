@@ -24,7 +24,6 @@ from tinymodels import export_tiny_bundle
 
 from osteo_node.bundle import read_manifest, resolve_bundle_path
 from osteo_node.db import AuditEvent, Referral, Result, make_engine
-from training.site_phantoms import SiteOptions, generate_site
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 
@@ -33,11 +32,10 @@ SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 N_IMAGES = 40
 
 
-@pytest.fixture(scope="module")
-def site_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("site")
-    generate_site(out, N_IMAGES + 1, seed=7, options=SiteOptions(size=256))
-    return sorted((out / "images").glob("*.dcm"))
+@pytest.fixture
+def site_images(site_cohort: Path) -> list[Path]:
+    """The first images of the session's site cohort (conftest.site_cohort, rendered once)."""
+    return sorted((site_cohort / "images").glob("*.dcm"))[:N_IMAGES + 1]
 
 
 def pacs_device_uids(pacs: Orthanc) -> Counter[tuple[str, str]]:
