@@ -103,7 +103,8 @@ class OperatingPoint(Thresholds):
 
 
 def configured_bundles(settings: Settings) -> list[str]:
-    """The bundles this node runs, live and shadow (their manifests give the default thresholds)."""
+    """The bundles this node runs, live and shadow (their manifests give the default thresholds):
+    a shadow promoted to live refers at its own bundle's thresholds from its first result."""
     return [settings.model.bundle, *settings.model.shadow]
 
 

@@ -13,9 +13,10 @@
    reference: `--init-bundle reference`) and `osteo-train evaluate` of the retrained and of the
    reference bundle on the export's held-out test split.
 
-    nice -n 10 python scripts/site_loop.py --n 320 --work /tmp/site-loop [--epochs 4]
+    nice -n 10 python scripts/site_loop.py --n 320 --work /tmp/site-loop [--epochs 4] [--lr 3e-4]
 
-Prints each figure, and writes everything it measured to WORK/site_loop.json.
+Prints each figure, and writes everything it measured to WORK/site_loop.json. Run again on the same
+WORK with other --epochs / --lr to retrain only (the site, its validation and export are kept).
 """
 
 from __future__ import annotations
@@ -123,23 +124,11 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=320, help="site images (default 320)")
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--size", type=int, default=256, help="detector pixels, long side (default 256)")
-    parser.add_argument("--work", type=Path, required=True, help="an empty folder for everything")
-    parser.add_argument("--target-sensitivity", type=float, default=0.8)
-    parser.add_argument("--epochs", type=int, default=4, help="retraining epochs (default 4)")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    python = sys.executable
+def measure_site(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Steps 1-4 and the export: the reference on the site, before and after a site operating point."""
     out: dict[str, Any] = {"n": args.n, "seed": args.seed, "size": args.size}
-
     start = time.perf_counter()
-    if not (work / "site" / "manifest.csv").is_file():  # a re-run measures the same site again
+    if not (work / "site" / "manifest.csv").is_file():
         generate_site(work / "site", args.n, args.seed, SiteOptions(size=args.size), workers=args.threads)
     out["render_s"] = time.perf_counter() - start
     print(f"rendered {args.n} site images in {out['render_s']:.0f} s", flush=True)
@@ -171,28 +160,59 @@ def main(argv: list[str] | None = None) -> int:
     out["site_low_bmd_threshold"] = point.low_bmd_threshold
 
     export = work / "export"
-    out["export_s"] = run([python, "-m", "osteo_node.cli", "dataset", "export", "--config", str(config),
+    out["export_s"] = run([sys.executable, "-m", "osteo_node.cli", "dataset", "export", "--config", str(config),
                            "--out", str(export)], work / "export.log")
     print((work / "export.log").read_text().strip(), flush=True)
     with (export / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     out["export_rows"] = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     print(f"exported {len(rows)} pairs: {out['export_rows']}", flush=True)
+    return out
 
-    retrained = work / "retrained"
-    out["train_s"] = run([python, "-m", "training.cli", "train", "--manifest", str(export / "manifest.csv"),
-                          "--init-bundle", REFERENCE, "--epochs", str(args.epochs), "--batch-size", "16",
-                          "--threads", str(args.threads), "--out", str(retrained), "--name", "site-retrained",
-                          "--calibrate", "--target-sensitivity", "0.9"], work / "train.log")
-    print(f"retrained in {out['train_s']:.0f} s", flush=True)
+
+def retrain(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Step 5: fine-tune the reference on the export's train split; evaluate it and the reference
+    on the export's test split."""
+    python = sys.executable
+    manifest = work / "export" / "manifest.csv"
+    retrained = work / f"retrained-e{args.epochs}-lr{args.lr:g}"
+    out: dict[str, Any] = {"epochs": args.epochs, "lr": args.lr}
+    out["train_s"] = run([python, "-m", "training.cli", "train", "--manifest", str(manifest),
+                          "--init-bundle", REFERENCE, "--epochs", str(args.epochs), "--lr", f"{args.lr:g}",
+                          "--batch-size", "16", "--threads", str(args.threads), "--out", str(retrained),
+                          "--name", "site-retrained", "--calibrate", "--target-sensitivity", "0.9"],
+                         work / f"{retrained.name}.train.log")
+    print(f"retrained ({args.epochs} epochs, lr {args.lr:g}) in {out['train_s']:.0f} s", flush=True)
     for name, bundle in (("retrained", str(retrained)), ("reference", REFERENCE)):
-        folder = work / f"eval-{name}"
-        run([python, "-m", "training.cli", "evaluate", "--bundle", bundle, "--manifest",
-             str(export / "manifest.csv"), "--split", "test", "--threads", str(args.threads),
-             "--out", str(folder)], work / f"eval-{name}.log")
-        out[f"evaluate_{name}"] = (work / f"eval-{name}.log").read_text()[-1500:]
+        log = work / f"eval-{name}-{retrained.name}.log"
+        run([python, "-m", "training.cli", "evaluate", "--bundle", bundle, "--manifest", str(manifest),
+             "--split", "test", "--threads", str(args.threads)], log)
+        out[f"evaluate_{name}"] = log.read_text()[-1500:]
         print(f"--- osteo-train evaluate {name} (test split)\n{out[f'evaluate_{name}']}", flush=True)
-    (work / "site_loop.json").write_text(json.dumps(out, indent=2, default=str))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=320, help="site images (default 320)")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--size", type=int, default=256, help="detector pixels, long side (default 256)")
+    parser.add_argument("--work", type=Path, required=True,
+                        help="a folder for everything; when it holds an export already, only retrain")
+    parser.add_argument("--target-sensitivity", type=float, default=0.8)
+    parser.add_argument("--epochs", type=int, default=4, help="retraining epochs (default 4)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="retraining peak learning rate (default 3e-4)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    results = work / "site_loop.json"
+    out = json.loads(results.read_text()) if results.is_file() else {}
+    if not (work / "export" / "manifest.csv").is_file():
+        out = measure_site(args, work)
+    out.setdefault("retraining", []).append(retrain(args, work))
+    results.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {results}")
     return 0
 
 

@@ -286,6 +286,20 @@ def test_operating_point_set_show_history_and_referrals_use_it(
     assert "no model with Device UID 2.25.1" in capsys.readouterr().err
 
 
+def test_shadow_bundles_give_their_thresholds_too(tmp_path: Path) -> None:
+    """A shadow promoted to live refers at its own bundle's thresholds (tests/test_site_e2e found a
+    promoted shadow's refer jobs dead-lettered when only model.bundle was read)."""
+    from tinymodels import export_tiny_bundle
+
+    shadow = export_tiny_bundle(tmp_path / "bundles", "tiny-shadow")
+    settings = parse_settings({"node": {"data_dir": str(tmp_path)}, "model": {"shadow": [str(shadow)]}},
+                              tmp_path)
+    shadow_uid = str(read_manifest(shadow)["device_uid"])
+    thresholds = bundle_thresholds(settings)
+    assert set(thresholds) == {LIVE_UID, shadow_uid}
+    assert (thresholds[shadow_uid].low_bmd_threshold, thresholds[shadow_uid].osteoporosis_threshold) == (0.5, 0.5)
+
+
 def test_target_sensitivity_needs_min_pairs(engine: Engine, tmp_path: Path) -> None:
     fill_site(engine, 30, [SyntheticModel("reference", "0.2.1", LIVE_UID, 1.5)])
     with pytest.raises(OperatingPointError, match="at least validation.min_pairs = 100"):
