@@ -139,8 +139,9 @@ def test_init_bundle_starts_from_a_bundle_with_every_weight_trainable(tmp_path):
     assert bundle_start(str(tmp_path / "start"), 84).spec.input_size == 84
 
 
-def test_train_command_wants_exactly_one_start(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "training.cli", "train", "--manifest", str(_manifest(tmp_path)),
-                           "--random-init", "vit-micro", "--init-bundle", "reference", "--out", str(tmp_path / "b")],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "exactly one of" in done.stderr
+def test_train_command_wants_exactly_one_start(tmp_path, capsys):
+    from training.cli import main
+
+    assert main(["train", "--manifest", str(_manifest(tmp_path)), "--random-init", "vit-micro",
+                 "--init-bundle", "reference", "--out", str(tmp_path / "b")]) == 2
+    assert "exactly one of" in capsys.readouterr().err

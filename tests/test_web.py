@@ -179,6 +179,7 @@ def test_passwords_are_argon2_hashes(engine: Engine) -> None:
     assert all(PASSWORD not in h for h in hashes)
 
 
+@pytest.mark.slow  # a subprocess, as an operator runs it
 def test_user_add_cli(tmp_path: Path) -> None:
     import subprocess
     import sys
