@@ -10,9 +10,11 @@ if [[ "${1:-}" == "--system" ]]; then
     apt-get update -qq
     # dcmtk: storescu/echoscu (the modality); dicom3tools: dciodvfy; orthanc: the PACS, with
     # orthanc-dicomweb (DICOMweb destinations, the viewer's data source); chromium: headless
-    # browser tests of the web page and of the OHIF viewer; npm: fetches the viewer (below).
+    # browser tests of the web page and of the OHIF viewer. npm fetches the viewer (below): the
+    # machine's Node.js npm when there is one (Debian's npm conflicts with NodeSource's nodejs).
     apt-get install -y -qq --no-install-recommends dcmtk dicom3tools orthanc orthanc-gdcm \
-      orthanc-dicomweb chromium chromium-driver postgresql-client npm >/dev/null
+      orthanc-dicomweb chromium chromium-driver postgresql-client >/dev/null
+    command -v npm >/dev/null || apt-get install -y -qq --no-install-recommends npm >/dev/null
   else
     echo "setup: not root; install as root: apt-get install dcmtk dicom3tools orthanc orthanc-gdcm orthanc-dicomweb chromium npm" >&2
   fi
