@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +112,27 @@ def site_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
     generate_site(out, SITE_IMAGES, seed=SITE_SEED, options=SiteOptions(size=256), workers=2)
     return out
+
+
+@contextlib.contextmanager
+def served_web(settings: Any, engine: Any) -> Iterator[str]:
+    """The web app over `engine`, served by uvicorn on loopback in a thread of this process, as
+    `osteo-node web` serves it; yields its base URL and stops the server afterwards."""
+    import uvicorn
+
+    from osteo_node.web import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1",
+                                           port=settings.web.port, access_log=False,
+                                           log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "web server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{settings.web.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

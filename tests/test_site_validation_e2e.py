@@ -13,15 +13,12 @@ import datetime as dt
 import json
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import IN_CI, free_port
+from conftest import IN_CI, free_port, served_web
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs, wait_for, write_config
 from orthanc import Orthanc
@@ -35,10 +32,9 @@ from test_site_e2e import eligible_header
 from test_validation_browser import sign_in
 from test_web_browser import ARTIFACTS, CHROMIUM, PASSWORD, _require_chromium
 
-from osteo_node.config import load_settings
+from osteo_node.config import Settings, load_settings
 from osteo_node.db import DxaResult, make_engine
 from osteo_node.validation_report import Fmt
-from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
@@ -101,25 +97,14 @@ def pacs(tmp_path: Path) -> Iterator[Orthanc]:
         server.stop()
 
 
-def serve_web(config: Path) -> tuple[Any, threading.Thread, str, Engine]:
-    """The worklist web app of `config`'s database, in this process (as test_validation_browser)."""
-    import uvicorn
-
+def web_users(config: Path) -> tuple[Settings, Engine]:
+    """`config`'s settings and database, with an admin and a coordinator who can sign in."""
     settings = load_settings(config)
     engine = make_engine(settings.database_url)
     with Session(engine) as session, session.begin():
         add_user(session, "boss", "admin", PASSWORD)
         add_user(session, "coord", "coordinator", PASSWORD)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1",
-                                           port=settings.web.port, access_log=False, log_level="warning",
-                                           log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "web server did not start"
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{settings.web.port}", engine
+    return settings, engine
 
 
 def test_a_new_site_is_validated_from_its_dxa_results(pacs: Orthanc, tmp_path: Path, e2e_bundle: str,
@@ -176,9 +161,9 @@ def test_a_new_site_is_validated_from_its_dxa_results(pacs: Orthanc, tmp_path: P
     _require_chromium()
     from playwright.sync_api import sync_playwright
 
-    server, thread, url, web_engine = serve_web(config)
+    web_settings, web_engine = web_users(config)
     try:
-        with sync_playwright() as pw:
+        with served_web(web_settings, web_engine) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"])
@@ -201,8 +186,6 @@ def test_a_new_site_is_validated_from_its_dxa_results(pacs: Orthanc, tmp_path: P
             finally:
                 browser.close()
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         web_engine.dispose()
     log = node.log()
     for d in results:  # no patient ID in the node's log

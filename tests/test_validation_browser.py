@@ -4,13 +4,11 @@ and a coordinator's worklist carries the warning. Screenshots: test-artifacts/."
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, served_web
 from sqlalchemy.orm import Session
 from test_web_browser import ARTIFACTS, CHROMIUM, PASSWORD, _require_chromium
 
@@ -19,7 +17,6 @@ from osteo_node.bench_validate import SyntheticModel, fill_site
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import make_engine
 from osteo_node.manifest import read_manifest, resolve_bundle_path
-from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -36,8 +33,6 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def server(settings: Settings) -> Iterator[str]:
-    import uvicorn
-
     engine = make_engine(settings.database_url)
     migrate.upgrade(engine)
     with Session(engine) as session, session.begin():
@@ -46,20 +41,10 @@ def server(settings: Settings) -> Iterator[str]:
     # a site where the live model does not work (skill 0) and a candidate that does
     fill_site(engine, 200, [SyntheticModel("reference", LIVE["version"], LIVE["device_uid"], 0.0),
                             SyntheticModel("candidate", "0.0.1", "2.25.4242", 1.5)])
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1",
-                                       port=settings.web.port, access_log=False, log_level="warning",
-                                       log_config=None))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "web server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{settings.web.port}"
+        with served_web(settings, engine) as url:
+            yield url
     finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
         engine.dispose()
 
 

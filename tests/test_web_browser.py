@@ -8,13 +8,11 @@ import csv
 import datetime as dt
 import io
 import os
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, free_port
+from conftest import IN_CI, free_port, served_web
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,7 +20,6 @@ from osteo_node.config import Settings, parse_settings
 from osteo_node.db import Referral
 from osteo_node.node import load_inference, open_runtime
 from osteo_node.queue import Received
-from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 from osteo_node.work import Worker
 from training.phantoms import GenerationOptions, generate
@@ -56,26 +53,13 @@ def settings(tmp_path: Path, e2e_bundle: str) -> Settings:
 @pytest.fixture
 def server(settings: Settings) -> Iterator[str]:
     """The node's runtime and the web app served by uvicorn on loopback, in this process."""
-    import uvicorn
-
     runtime = open_runtime(settings)
     with Session(runtime.engine) as session, session.begin():
         add_user(session, "coord", "coordinator", PASSWORD)
-    app = create_app(settings, engine=runtime.engine)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.web.port, access_log=False,
-                            log_level="warning", log_config=None)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "web server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{settings.web.port}"
+        with served_web(settings, runtime.engine) as url:
+            yield url
     finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
         runtime.engine.dispose()
 
 

@@ -10,13 +10,11 @@ import csv
 import datetime as dt
 import io
 import json
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, served_web
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -27,7 +25,6 @@ from osteo_node import migrate
 from osteo_node.config import parse_settings
 from osteo_node.db import DxaResult, Referral, WebSession, make_engine, utcnow
 from osteo_node.refer import ReferralPolicy, refer
-from osteo_node.web import create_app
 from osteo_node.web.auth import add_user
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -38,7 +35,6 @@ PASSWORD = "correct horse battery"
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Engine, list[int]]]:
     """Three referrals (one with a phone number) and the web app under uvicorn on loopback."""
-    import uvicorn
 
     settings = parse_settings({"node": {"data_dir": str(tmp_path / "var")},
                                "web": {"port": free_port(), "secret_key": "d" * 40}}, tmp_path)
@@ -56,20 +52,10 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Engine, list[int]]]:
         set_referral(engine, outcome.referral_id, patient_name=name,
                      created_at=utcnow() - dt.timedelta(days=10 - i))
     set_referral(engine, ids[1], patient_phone="+41 44 555 01 02", referring_physician="Frei^Urs")
-    uv = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1",
-                                       port=settings.web.port, access_log=False, log_level="warning",
-                                       log_config=None))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not uv.started:
-        assert time.monotonic() < deadline, "web server did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{settings.web.port}", engine, ids
+        with served_web(settings, engine) as url:
+            yield url, engine, ids
     finally:
-        uv.should_exit = True
-        thread.join(timeout=10)
         engine.dispose()
 
 
