@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -276,6 +276,21 @@ def accept(engine: Engine, reading: DxaReading, window_days: int, *, actor: str 
         supersedes = _same_day(session, reading) if correction else None
     recorded = record(engine, reading, actor=actor, supersedes_id=supersedes)
     return Accepted(recorded, match)
+
+
+def accept_reported(engine: Engine, patient_keys: Sequence[tuple[str, str]], dxa_date: dt.date,
+                    t_scores: Mapping[str, float], *, source: str, source_ref: str, window_days: int,
+                    actor: str, correction: bool = False) -> Accepted:
+    """`accept` a result as a route reports it: every (PatientID, Issuer) it names for the
+    patient (HL7 PID-3 repetitions, FHIR identifiers; the one this node screened is used, else
+    the first) and the T-scores by site. DxaError when it cannot be used."""
+    with Session(engine) as session:
+        key = screened_key(session, patient_keys) or patient_keys[0]
+    reading = DxaReading(
+        patient_id=key[0], issuer_of_patient_id=key[1], dxa_date=dxa_date,
+        t_lumbar_spine=t_scores.get("lumbar_spine"), t_femoral_neck=t_scores.get("femoral_neck"),
+        t_total_hip=t_scores.get("total_hip"), source=source, source_ref=source_ref)
+    return accept(engine, reading, window_days, actor=actor, correction=correction)
 
 
 def _same_day(session: Session, reading: DxaReading) -> int | None:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
 from . import codes, dxa
 from .errors import DxaError
@@ -90,16 +89,10 @@ def import_file(engine: Engine, path: Path, match_window_days: int) -> ImportRep
             rejected.append(item)
             continue
         try:
-            with Session(engine) as session:
-                key = dxa.screened_key(session, item.patient_keys) or item.patient_keys[0]
-            reading = dxa.DxaReading(
-                patient_id=key[0], issuer_of_patient_id=key[1], dxa_date=item.dxa_date,
-                t_lumbar_spine=item.t_scores.get("lumbar_spine"),
-                t_femoral_neck=item.t_scores.get("femoral_neck"),
-                t_total_hip=item.t_scores.get("total_hip"),
-                source=source, source_ref=item.source_ref)
-            accepted = dxa.accept(engine, reading, match_window_days, actor="import",
-                                  correction=item.correction)
+            accepted = dxa.accept_reported(
+                engine, item.patient_keys, item.dxa_date, item.t_scores, source=source,
+                source_ref=item.source_ref, window_days=match_window_days, actor="import",
+                correction=item.correction)
         except DxaError as exc:
             rejected.append(Rejected(item.where, str(exc)))
             continue

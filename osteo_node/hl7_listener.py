@@ -43,7 +43,6 @@ from hl7.mllp.streams import (  # type: ignore[import-untyped]
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from . import codes, dxa
 from .config import Hl7Settings
@@ -251,16 +250,10 @@ class Handler:
             return Answer(AE, "sending facility (MSH-4) not in hl7.allowed_sending_facilities", ctrl)
         try:
             oru = read_oru(message)
-            with Session(self.engine) as session:
-                key = dxa.screened_key(session, oru.patient_keys) or oru.patient_keys[0]
-            reading = dxa.DxaReading(
-                patient_id=key[0], issuer_of_patient_id=key[1], dxa_date=oru.dxa_date,
-                t_lumbar_spine=oru.t_scores.get("lumbar_spine"),
-                t_femoral_neck=oru.t_scores.get("femoral_neck"),
-                t_total_hip=oru.t_scores.get("total_hip"),
-                source="hl7", source_ref=f"MSH-10 {ctrl}")
-            accepted = dxa.accept(self.engine, reading, self.window_days, actor="hl7",
-                                  correction=oru.correction)
+            accepted = dxa.accept_reported(
+                self.engine, oru.patient_keys, oru.dxa_date, oru.t_scores, source="hl7",
+                source_ref=f"MSH-10 {ctrl}", window_days=self.window_days, actor="hl7",
+                correction=oru.correction)
         except DxaError as exc:
             return Answer(AE, str(exc), ctrl)
         if accepted.recorded.duplicate:
