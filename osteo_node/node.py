@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.engine import Engine
@@ -23,7 +27,7 @@ from . import migrate
 from .config import Settings
 from .db import make_engine
 from .housekeeping import start_scheduler
-from .observe import MODEL, start_http
+from .observe import MODEL, RECEIVED, setup_logging, start_http
 from .queue import Queue
 from .receive import ReceiveLimits, start_receiver
 from .store import FileStore
@@ -130,6 +134,144 @@ def stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(signum, old)
 
 
+def _received_totals() -> dict[str, float]:
+    """This process's osteo_received_total by outcome."""
+    return {sample.labels["outcome"]: sample.value
+            for metric in RECEIVED.collect() for sample in metric.samples
+            if sample.name == "osteo_received_total"}
+
+
+def _receiver_process(settings: Settings, parent: Connection) -> None:
+    """One further receiver process (`dicom.processes` > 1), run by `ReceiverProcesses`: the
+    receiver on the shared port until SIGTERM or until the parent is gone. Sends "listening" once
+    its socket is bound, then its C-STORE outcome totals every second and on exit, which the
+    parent adds to its own osteo_received_total (one metrics endpoint for all of them)."""
+    setup_logging(settings)
+    parent_pid = os.getppid()
+    with stop_on_signals() as stop:
+        runtime = open_runtime(settings, create_schema=False)
+        server = start_receiver(settings.dicom, runtime.queue, runtime.store, settings.eligibility,
+                                receive_limits(settings))
+        try:
+            parent.send("listening")
+            while not stop.wait(1.0) and os.getppid() == parent_pid:
+                parent.send(_received_totals())
+        finally:
+            server.shutdown()  # associations in progress finish first (their threads are joined)
+            with contextlib.suppress(OSError):  # the parent is gone
+                parent.send(_received_totals())
+            runtime.engine.dispose()
+
+
+class ReceiverProcesses:
+    """The receiver's further processes on the shared port (`dicom.processes` - 1; the node's
+    own process is the first). Started before `start` returns, each one listening; one that dies
+    is logged and started again; stopped with SIGTERM, each finishing its associations.
+
+    Processes, not threads: the receiver is CPU-bound Python (pynetdicom's PDU handling, the
+    header read, SQLAlchemy), so in one process several associations share one core under the GIL
+    (docs/performance.md)."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")  # no fork of a threaded process
+        self._children: dict[Connection, BaseProcess] = {}
+        self._reported: dict[int, dict[str, float]] = {}  # pid -> C-STORE outcome totals
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+        try:
+            for _ in range(count):
+                self._start_one()
+        except BaseException:
+            self.stop()
+            raise
+        self._reader = threading.Thread(target=self._read, name="receiver-processes", daemon=True)
+        self._reader.start()
+
+    def _start_one(self) -> None:
+        ours, theirs = self._context.Pipe(duplex=False)
+        process = self._context.Process(target=_receiver_process, args=(self.settings, theirs),
+                                        name="osteo-node-receiver", daemon=True)
+        process.start()
+        theirs.close()
+        try:
+            listening = ours.poll(60) and ours.recv() == "listening"
+        except EOFError:  # it exited before binding (its log says why)
+            listening = False
+        if not listening:
+            process.terminate()
+            raise RuntimeError(f"receiver process {process.pid} did not start listening "
+                               f"(exit code {process.exitcode}); see its log lines above")
+        log.info("receiver process %d listening", process.pid)
+        with self._lock:
+            self._children[ours] = process
+            self._reported[cast(int, process.pid)] = {}
+        if self._stopping.is_set():  # started again while the node was stopping
+            process.terminate()
+
+    def _read(self) -> None:
+        """Add the children's C-STORE counts to this process's counter; restart a dead child."""
+        while not self._stopping.is_set():
+            with self._lock:
+                connections = list(self._children)
+            for connection in wait(connections, timeout=0.5):
+                conn = cast(Connection, connection)
+                process = self._children[conn]
+                try:
+                    self._count(conn, cast(int, process.pid))
+                except (EOFError, OSError):  # the child exited
+                    with self._lock:
+                        del self._children[conn]
+                    process.join()
+                    if not self._stopping.is_set():
+                        log.error("receiver process %d exited with code %s; starting another",
+                                  process.pid, process.exitcode)
+                        try:
+                            self._start_one()
+                        except RuntimeError as exc:  # the health check reports it missing
+                            log.error("%s", exc)
+
+    def _count(self, connection: Connection, pid: int) -> None:
+        seen = self._reported[pid]
+        for outcome, total in connection.recv().items():
+            RECEIVED.labels(outcome).inc(total - seen.get(outcome, 0.0))
+            seen[outcome] = total
+
+    def received(self) -> dict[int, dict[str, float]]:
+        """The C-STORE outcome totals each process has reported so far (every second, and when
+        it stops), by process id; those of processes that exited are kept."""
+        with self._lock:
+            return {pid: dict(totals) for pid, totals in self._reported.items()}
+
+    def check(self) -> None:
+        """Health check: raise unless every process is alive."""
+        with self._lock:
+            dead = [p.pid for p in self._children.values() if not p.is_alive()]
+        if dead or len(self._children) < self.settings.dicom.processes - 1:
+            raise OSError(f"receiver processes not running: {dead}")
+
+    def stop(self) -> None:
+        """SIGTERM to each process; each finishes its associations and exits."""
+        self._stopping.set()
+        if self._reader is not None:
+            self._reader.join()  # it returns within 0.5 s; then only this thread reads the pipes
+        with self._lock:
+            children = list(self._children.items())
+            self._children.clear()
+        for _, process in children:
+            process.terminate()
+        for connection, process in children:
+            process.join(timeout=self.settings.dicom.network_timeout_s + 10)
+            if process.is_alive():
+                log.error("receiver process %d did not stop; killing it", process.pid)
+                process.kill()
+                process.join()
+            with contextlib.suppress(EOFError, OSError):
+                while connection.poll():
+                    self._count(connection, cast(int, process.pid))
+
+
 def _listening(server: ThreadedAssociationServer) -> None:
     """Health check: raise when the receiver's socket is closed."""
     if server.socket is None or server.socket.fileno() < 0:
@@ -156,6 +298,8 @@ class Node:
         self._runtime: Runtime | None = None
         self._worker: Worker | None = None
         self.server: ThreadedAssociationServer | None = None
+        #: The receiver's further processes when `dicom.processes` > 1 (started with the receiver).
+        self.receivers: ReceiverProcesses | None = None
         self._metrics: WSGIServer | None = None
         self._scheduler: BaseScheduler | None = None
         self._hl7: Listener | None = None
@@ -205,6 +349,9 @@ class Node:
                 server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
                                                       settings.eligibility, receive_limits(settings))
                 checks["receiver"] = lambda: _listening(server)
+                if settings.dicom.processes > 1:
+                    receivers = self.receivers = ReceiverProcesses(settings, settings.dicom.processes - 1)
+                    checks["receiver processes"] = receivers.check
             port = settings.metrics.port if self.work else settings.metrics.receiver_port
             if port:
                 try:
@@ -233,6 +380,9 @@ class Node:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+        if self.receivers is not None:
+            self.receivers.stop()
+            self.receivers = None
         if self._metrics is not None:
             self._metrics.shutdown()
             self._metrics = None

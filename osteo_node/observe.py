@@ -1,4 +1,5 @@
-"""Observability: Prometheus metrics (defined once, here) and the /metrics + /healthz endpoint.
+"""Observability: the log's set-up, Prometheus metrics (defined once, here) and the /metrics +
+/healthz endpoint.
 
 Each process (serve, receive, work) exposes its own counters; queue depth is read from the
 database at scrape time, so every process reports the same, current value.
@@ -7,6 +8,7 @@ database at scrape time, so every process reports the same, current value.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
@@ -17,9 +19,64 @@ from prometheus_client import REGISTRY, Counter, Histogram, Info, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .config import Settings
 from .queue import Queue
 
 log = logging.getLogger(__name__)
+
+#: Loggers of libraries that quote DICOM values (a PatientName, a ReferringPhysicianName) in
+#: their messages, and `py.warnings`, where captured Python warnings land (highdicom and pydicom
+#: warn about person names by quoting them).
+_QUOTING_LOGGERS = ("py.warnings", "highdicom", "pydicom")
+
+
+class PatientDataFilter(logging.Filter):
+    """Keeps patient data out of the log: a record from a library that may quote DICOM values
+    keeps its level, logger and source line, but its text is replaced.
+
+    Our own log lines name referral ids and UIDs only (by review); library text cannot be
+    reviewed, so it is withheld rather than pattern-matched.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if any(name == prefix or name.startswith(prefix + ".") for prefix in _QUOTING_LOGGERS):
+            where = f"{os.path.basename(record.pathname)}:{record.lineno}"
+            if name == "py.warnings":  # logging formats a warning as "file:line: Category: text"
+                where = _warning_origin(record.getMessage())
+            record.msg = f"library message withheld (it may quote patient data); from {where}"
+            record.args = None
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def _warning_origin(text: str) -> str:
+    """'file.py:12: UserWarning: text' -> 'file.py:12 UserWarning' (without the text)."""
+    head = text.split(": ", 2)
+    if len(head) >= 2 and head[1]:
+        return f"{os.path.basename(head[0])} {head[1].split()[0]}"
+    return "a library warning"
+
+
+def setup_logging(settings: Settings) -> None:
+    """Root handler (text or JSON), quiet third-party loggers, and Python warnings routed into
+    the log through PatientDataFilter (issue 16: highdicom warned with the patient's name)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(PatientDataFilter())
+    logging.captureWarnings(False)  # re-armed, so that a second set-up in one process routes them too
+    logging.captureWarnings(True)
+    if settings.node.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.node.log_level)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
 
 RECEIVED = Counter("osteo_received", "C-STORE requests by outcome", ["outcome"])
 PROCESSED = Counter("osteo_processed", "Radiographs screened (infer jobs done)", ["category"])

@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,18 @@ def _audit_association(event: evt.Event, queue: Queue) -> None:
         log.error("audit of an association failed: %s", type(exc).__name__)
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT: one of `dicom.processes` receiver
+    processes listening on the one port, among which the kernel spreads new connections (an
+    association stays with the process that accepted it). Every socket of the group must set it;
+    a node with one process never does, so that a second node started by mistake on the same
+    port fails to bind instead of taking half the associations."""
+
+    def server_bind(self) -> None:
+        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def build_ae(settings: DicomSettings) -> AE:
     """The receiving Application Entity: Verification plus CR/DX storage, all transfer syntaxes."""
     ae = AE(ae_title=settings.ae_title)
@@ -356,11 +369,12 @@ def start_receiver(
     if hasattr(os, "posix_fadvise"):  # not on macOS: there the fsync writes the whole file
         handlers.append((evt.EVT_PDU_RECV, _WriteBack()))
     ssl_context = server_context(settings.tls) if settings.tls is not None else None
-    server = ae.start_server(
-        (settings.bind_address, settings.port), block=False, evt_handlers=handlers,
-        ssl_context=ssl_context,
-    )
-    assert server is not None  # block=False always returns the server
+    server = cast(ThreadedAssociationServer, ae.make_server(
+        (settings.bind_address, settings.port), evt_handlers=handlers, ssl_context=ssl_context,
+        server_class=_SharedPortServer if settings.processes > 1 else ThreadedAssociationServer,
+    ))
+    ae._servers.append(server)  # as AE.start_server(block=False) does: server.shutdown() removes it
+    threading.Thread(target=server.serve_forever, name="receiver", daemon=True).start()
     log.info("receiver listening as %s on %s:%d%s", settings.ae_title, settings.bind_address,
              settings.port, " (TLS)" if ssl_context else "")
     return server

@@ -84,6 +84,9 @@ def test_bench_reports_every_figure(tiny_bundle: str) -> None:
     assert report["receive"]["ratio_vs_storescp"] > 0
     assert {(c["images"], c["associations"]) for c in report["receive"]["cases"]} == {
         ("dx512", 1), ("dx512", 4), ("cr", 1), ("cr", 4)}
+    for case in report["receive"]["cases"]:  # pynetdicom alone, answering without storing
+        assert case["library_images_per_s"] > 0 and case["processes"] == 1
+        assert case["ratio_to_library"] == case["node_images_per_s"] / case["library_images_per_s"]
     assert set(report["pipeline"]["stages"]) >= {"decode", "preprocess", "model", "sr", "sc", "send"}
     assert report["pipeline"]["ratio_to_floor"] > 1.0  # the pipeline does more than the bare pass
     assert report["pipeline"]["end_to_end_p95_s"] > 0

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import free_port
+from dicom_tools import storescu, synthetic_dx
 from osteo_node import migrate
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import make_engine
 from osteo_node.errors import SchemaError
 from osteo_node.node import Node
+from osteo_node.queue import INFER
 
 
-def settings(folder: Path) -> Settings:
+def settings(folder: Path, *, database_url: str = "", **dicom: object) -> Settings:
     return parse_settings({"node": {"data_dir": str(folder / "var")},
-                           "dicom": {"port": free_port()},
+                           "database": {"url": database_url},
+                           "dicom": {"port": free_port(), **dicom},
                            "metrics": {"port": 0, "receiver_port": 0},
                            "storage": {"min_free_disk_mb": 0}}, folder)
 
@@ -63,3 +72,67 @@ def test_a_node_that_cannot_start_leaves_nothing_running(tmp_path: Path) -> None
     with pytest.raises(SchemaError, match="osteo-node db upgrade --config FILE"):
         node.start()
     assert node.server is None and not echo(config.dicom.port)
+
+
+def _received_total(outcome: str) -> float:
+    return REGISTRY.get_sample_value("osteo_received_total", {"outcome": outcome}) or 0.0
+
+
+def _send_each_over_its_own_association(port: int, files: list[Path]) -> list[str]:
+    with ThreadPoolExecutor(len(files)) as pool:
+        return [status for statuses in pool.map(lambda f: storescu(port, f), files) for status in statuses]
+
+
+@pytest.mark.integration
+def test_receiver_processes_share_the_port_and_the_associations(database_url: str, tmp_path: Path) -> None:
+    """`dicom.processes = 2`: a second process listens on the same port (SO_REUSEPORT) and the
+    kernel spreads associations across both; every image is stored once, and the node's one
+    metrics counter includes what the other process received."""
+    # each process takes up to max_associations: 16, so that any spread of the 16 is accepted
+    config = settings(tmp_path, database_url=database_url, processes=2, max_associations=16)
+    files = [synthetic_dx(tmp_path / f"dx-{i}.dcm", sex="F", size=64, seed=i) for i in range(16)]
+    before = _received_total("eligible")
+    with Node(config, receive=True, work=False) as node:
+        receivers = node.receivers
+        assert receivers is not None
+        assert node.server is not None
+        assert node.server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        # 16 associations: the chance that the kernel hashes all of them to one socket is 2 ** -15
+        assert _send_each_over_its_own_association(config.dicom.port, files) == ["Success"] * 16
+        assert node.runtime.queue.counts(INFER)["queued"] == 16
+    other = receivers.received()
+    assert len(other) == 1
+    by_other = next(iter(other.values())).get("eligible", 0.0)
+    assert 0 < by_other < 16  # both processes took associations
+    assert _received_total("eligible") - before == 16  # this process's counter has them all
+
+
+@pytest.mark.integration
+def test_a_receiver_process_that_dies_is_started_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = settings(tmp_path, processes=2, max_associations=16)
+    files = [synthetic_dx(tmp_path / f"dx-{i}.dcm", sex="F", size=64, seed=i) for i in range(16)]
+    with Node(config, receive=True, work=False) as node:
+        receivers = node.receivers
+        assert receivers is not None
+        (first,) = receivers.received()
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while len(receivers.received()) < 2:  # the dead one's pid is kept beside the new one's
+            assert time.monotonic() < deadline, "no receiver process was started again"
+            time.sleep(0.2)
+        receivers.check()  # healthy again
+        assert f"receiver process {first} exited with code -9; starting another" in caplog.text
+        assert _send_each_over_its_own_association(config.dicom.port, files) == ["Success"] * 16
+        assert node.runtime.queue.counts(INFER)["queued"] == 16
+
+
+def test_one_receiver_process_does_not_share_its_port(tmp_path: Path) -> None:
+    """With the default one process the socket is bound without SO_REUSEPORT, so that a second
+    node started by mistake on the same port fails to start instead of taking half the
+    associations."""
+    config = settings(tmp_path)
+    with Node(config, receive=True, work=False) as node:
+        assert node.server is not None and node.receivers is None
+        assert not node.server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        with pytest.raises(OSError, match="Address already in use"):
+            Node(settings(tmp_path / "second", port=config.dicom.port), receive=True, work=False).start()

@@ -46,12 +46,14 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'node.sqlite3'}"
 
 
-def stack(tmp_path: Path, database_url: str, bundle: str) -> Iterator[tuple[Orthanc, Path]]:
-    """Orthanc (not started) and a node config pointing at it; referrals off (not under test)."""
+def stack(tmp_path: Path, database_url: str, bundle: str, processes: int = 1) -> Iterator[tuple[Orthanc, Path]]:
+    """Orthanc (not started) and a node config pointing at it; referrals off (not under test).
+    `processes`: the receiver's processes on its port (dicom.processes)."""
     node_port = free_port()
     pacs = Orthanc(tmp_path / "orthanc", node_port)
     config = write_config(tmp_path, database_url=database_url, bundle=bundle,
-                          pacs_port=pacs.dicom_port, dicom={"port": node_port, "max_associations": 20},
+                          pacs_port=pacs.dicom_port,
+                          dicom={"port": node_port, "max_associations": 20, "processes": processes},
                           referral={"enabled": False})
     try:
         yield pacs, config
@@ -67,8 +69,9 @@ def pacs_and_config(tmp_path: Path, database_url: str, e2e_bundle: str) -> Itera
 
 @pytest.fixture
 def pacs_and_postgres(tmp_path: Path, postgres_url: str, e2e_bundle: str) -> Iterator[tuple[Orthanc, Path]]:
-    """Several workers share one PostgreSQL database (SQLite serves a single host's worker)."""
-    yield from stack(tmp_path, postgres_url, e2e_bundle)
+    """Several workers share one PostgreSQL database (SQLite serves a single host's worker); the
+    receiver runs two processes on its port (dicom.processes = 2)."""
+    yield from stack(tmp_path, postgres_url, e2e_bundle, processes=2)
 
 
 @pytest.fixture
@@ -78,7 +81,8 @@ def pacs_and_sqlite(tmp_path: Path, sqlite_url: str, e2e_bundle: str) -> Iterato
 
 def test_load_ten_associations_two_workers(pacs_and_postgres: tuple[Orthanc, Path], tmp_path: Path,
                                            postgres_url: str) -> None:
-    """10 concurrent associations x 50 images, processed by two worker processes; no job twice."""
+    """10 concurrent associations x 50 images into two receiver processes, processed by two
+    worker processes; no job twice."""
     pacs, config = pacs_and_postgres
     database_url = postgres_url
     pacs.start()
@@ -106,6 +110,7 @@ def test_load_ten_associations_two_workers(pacs_and_postgres: tuple[Orthanc, Pat
         per_worker = [sum(f"job {j.id}: instance " in w.log() for j in infer) for w in workers]
         assert min(per_worker) > 0, per_worker  # both workers shared the load
         exactly_once(pacs, set().union(*(uids(b) for b in batches)))
+        assert "receiver process " in receiver.log() and " listening" in receiver.log()
     finally:
         for worker in workers:
             worker.stop()

@@ -30,7 +30,7 @@ from test_web import (  # noqa: F401
     settings,
 )
 
-from osteo_node import cli, worklist
+from osteo_node import cli, observe, worklist
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import AuditEvent, DxaResult, Referral, User, WebSession, utcnow
 from osteo_node.errors import ConfigError
@@ -265,7 +265,7 @@ def test_no_person_name_reaches_the_log(tmp_path: Path, capsys: pytest.CaptureFi
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            cli.setup_logging(node_settings)
+            observe.setup_logging(node_settings)
             source = rg1()
             source.PatientName = "ward"
             source.ReferringPhysicianName = "ward"

@@ -1,8 +1,9 @@
 """Receive: images/s durably stored by the node's receiver (an in-process `Node` with its receiver
 on a scratch database: SQLite, or PostgreSQL when the config's database is) from DCMTK storescu
 over 1 and 4 associations, 512 x 512 DX and full-size CR, against DCMTK `storescp -od DIR` on the
-same files, and against the physical floor: the same bytes copied over loopback and fsynced
-(`floor_rate`)."""
+same files, against the physical floor: the same bytes copied over loopback and fsynced
+(`floor_rate`), and against the library's ceiling: pynetdicom answering without doing anything
+(`library_rate`)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pynetdicom import _config, evt
+
 from ..config import Settings
 from ..node import Node
 from ..queue import INFER
+from ..receive import build_ae
 from .common import ScratchDatabases, node_settings
 from .dcmtk import Dcmtk
 
@@ -35,6 +39,9 @@ class ReceiveCase:
     node_images_per_s: float
     storescp_images_per_s: float
     floor_images_per_s: float
+    library_images_per_s: float
+    #: The receiver processes the node ran (`dicom.processes`).
+    processes: int
 
     @property
     def ratio(self) -> float:
@@ -43,6 +50,10 @@ class ReceiveCase:
     @property
     def ratio_to_floor(self) -> float:
         return self.node_images_per_s / self.floor_images_per_s
+
+    @property
+    def ratio_to_library(self) -> float:
+        return self.node_images_per_s / self.library_images_per_s
 
 
 @dataclass(frozen=True)
@@ -56,8 +67,8 @@ class ReceiveResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"ratio_vs_storescp": self.ratio_vs_storescp,
-                "cases": [{**dataclasses.asdict(c), "ratio": c.ratio, "ratio_to_floor": c.ratio_to_floor}
-                          for c in self.cases]}
+                "cases": [{**dataclasses.asdict(c), "ratio": c.ratio, "ratio_to_floor": c.ratio_to_floor,
+                           "ratio_to_library": c.ratio_to_library} for c in self.cases]}
 
 
 def node_receive_rate(settings: Settings, dcmtk: Dcmtk, files: Sequence[Path], associations: int,
@@ -77,6 +88,25 @@ def storescp_rate(dcmtk: Dcmtk, files: Sequence[Path], associations: int, folder
     """Images/s written by DCMTK storescp (forking per association when there are several)."""
     with dcmtk.storescp_running(folder, fork=associations > 1) as port:
         seconds = dcmtk.send(port, files, associations, "STORESCP")
+    return len(files) / seconds
+
+
+def library_rate(settings: Settings, dcmtk: Dcmtk, files: Sequence[Path], associations: int,
+                 folder: Path) -> float:
+    """Images/s of pynetdicom itself, in one process set up as the node's receiver (its AE, data
+    sets streamed to a file) with a C-STORE handler that answers Success at once: the most one
+    receiver process could reach with this library before it reads, stores or records anything."""
+    settings = node_settings(settings, folder, database_url="sqlite://")
+    _config.STORE_RECV_CHUNKED_DATASET = True  # as start_receiver sets them
+    _config.LOG_HANDLER_LEVEL = "none"
+    server = build_ae(settings.dicom).start_server(
+        ("127.0.0.1", settings.dicom.port), block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)])
+    assert server is not None  # block=False always returns the server
+    try:
+        seconds = dcmtk.send(settings.dicom.port, files, associations, settings.dicom.ae_title)
+    finally:
+        server.shutdown()
     return len(files) / seconds
 
 
@@ -164,21 +194,24 @@ def floor_rate(files: Sequence[Path], associations: int, folder: Path) -> float:
 def measure_receive(settings: Settings, dcmtk: Dcmtk, images: dict[str, Sequence[Path]], work: Path,
                     databases: ScratchDatabases, associations: Sequence[int] = (1, 4),
                     repeats: int = 3) -> ReceiveResult:
-    """Node, storescp and floor receive rates for each image set and association count, same files.
+    """Node, storescp, floor and library receive rates for each image set and association count,
+    same files.
 
-    Node, storescp and floor runs alternate `repeats` times; each rate is the median of its runs
-    (the load of other processes on a shared machine drifts)."""
+    The four runs alternate `repeats` times; each rate is the median of its runs (the load of
+    other processes on a shared machine drifts)."""
     cases = []
     for name, files in images.items():
         mb = sum(f.stat().st_size for f in files) / len(files) / 1e6
         for n_assoc in associations:
-            node, scp, floor = [], [], []
+            node, scp, floor, library = [], [], [], []
             for i in range(repeats):
                 run = work / f"receive-{name}-{n_assoc}-{i}"
                 node.append(node_receive_rate(settings, dcmtk, files, n_assoc, run / "node", databases))
                 scp.append(storescp_rate(dcmtk, files, n_assoc, run / "storescp"))
                 floor.append(floor_rate(files, n_assoc, run / "floor"))
+                library.append(library_rate(settings, dcmtk, files, n_assoc, run / "library"))
                 shutil.rmtree(run, ignore_errors=True)
             cases.append(ReceiveCase(name, round(mb, 2), n_assoc, len(files), statistics.median(node),
-                                     statistics.median(scp), statistics.median(floor)))
+                                     statistics.median(scp), statistics.median(floor),
+                                     statistics.median(library), settings.dicom.processes))
     return ReceiveResult(tuple(cases))

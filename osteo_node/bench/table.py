@@ -16,12 +16,15 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"model: {md['name']} {md['version']} ({md['backbone']}/{md['method']}, "
                      f"{md['input_size']} px, {md['parameters']:,} parameters)")
     if "receive" in report:
-        lines += ["", (f"{'receive':10} {'MB':>6} {'assoc':>5} {'n':>4} {'node img/s':>11} "
-                       f"{'storescp img/s':>15} {'ratio':>6} {'floor img/s':>12} {'node/floor':>10}")]
+        lines += ["", (f"{'receive':10} {'MB':>6} {'assoc':>5} {'n':>4} {'procs':>5} {'node img/s':>11} "
+                       f"{'storescp img/s':>15} {'ratio':>6} {'floor img/s':>12} {'node/floor':>10} "
+                       f"{'pynetdicom img/s':>17} {'node/pynetdicom':>15}")]
         for c in report["receive"]["cases"]:
             lines.append(f"{c['images']:10} {c['image_mb']:>6.2f} {c['associations']:>5} {c['n']:>4} "
-                         f"{c['node_images_per_s']:>11.1f} {c['storescp_images_per_s']:>15.1f} "
-                         f"{c['ratio']:>6.2f} {c['floor_images_per_s']:>12.1f} {c['ratio_to_floor']:>10.2f}")
+                         f"{c['processes']:>5} {c['node_images_per_s']:>11.1f} "
+                         f"{c['storescp_images_per_s']:>15.1f} {c['ratio']:>6.2f} "
+                         f"{c['floor_images_per_s']:>12.1f} {c['ratio_to_floor']:>10.2f} "
+                         f"{c['library_images_per_s']:>17.1f} {c['ratio_to_library']:>15.2f}")
         lines.append(f"ratio_vs_storescp (CR, 1 association): {report['receive']['ratio_vs_storescp']:.2f}")
     pipeline = report.get("pipeline", {})
     if "stages" in pipeline:
