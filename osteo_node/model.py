@@ -52,6 +52,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from osteo_node.pixels import INPUT_TRANSFORMS
 from osteo_node.records import CAM_LABELS, CLASS_NAMES
 
 logger = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ class ModelSpec:
     #: "cls": the backbone's pooled CLS token; "cls+mean": CLS concatenated with the mean of the
     #: patch tokens (registers excluded), the head of transformers' Dinov2ForImageClassification.
     pooling: str = "cls"
+    #: transform of the resized image before normalisation (osteo_node.pixels.INPUT_TRANSFORMS):
+    #: "none", or "lcn" (local contrast normalisation); the node and training both apply it.
+    input_transform: str = "none"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -139,6 +143,9 @@ class ModelSpec:
             raise ValueError(f"ModelSpec.mean/std need 3 values (std > 0), got {self.mean}, {self.std}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"ModelSpec.pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(f"ModelSpec.input_transform must be one of {INPUT_TRANSFORMS}, "
+                             f"got {self.input_transform!r}")
         if self.num_classes < 2:
             raise ValueError(f"ModelSpec.num_classes must be >= 2, got {self.num_classes}")
         # normalise containers so that a spec read back from JSON compares equal

@@ -82,7 +82,8 @@ def load(path: Path, spec: ModelSpec, display_max: int) -> Loaded:
         if keyword in source:
             delattr(source, keyword)
     laps.lap("decode")
-    prepared = pixels.prepare(image, spec.input_size, spec.mean, spec.std, display_max=display_max)
+    prepared = pixels.prepare(image, spec.input_size, spec.mean, spec.std, display_max=display_max,
+                              transform=spec.input_transform)
     laps.lap("preprocess")
     return Loaded(source, prepared, laps.seconds)
 

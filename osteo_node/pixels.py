@@ -3,7 +3,9 @@
 decode():  stored values -> Modality LUT (rescale) -> VOI LUT / window -> MONOCHROME1 inversion ->
            float32 image in [0, 1], display space (white = bone), any bit depth, any transfer syntax
            pydicom can decode (JPEG, JPEG-LS, JPEG 2000, RLE through the pylibjpeg plugins).
-prepare(): [0, 1] image -> PreparedImage(display uint8, letterboxed normalised tensor, box).
+prepare(): [0, 1] image -> PreparedImage(display uint8, letterboxed normalised tensor, box); a
+           model may ask for an input transform of its resized image first (ModelSpec.input_transform,
+           INPUT_TRANSFORMS): "lcn", local contrast normalisation.
 
 Training feeds PNG inputs through `load_png` + `prepare` so that the model sees the same pixels
 in training and at the node.
@@ -28,6 +30,15 @@ logger = logging.getLogger(__name__)
 
 #: Percentiles used to scale an image that carries no VOI (no window, no VOI LUT).
 _AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+#: Model input transforms (ModelSpec.input_transform): "none", or "lcn", local contrast
+#: normalisation of the resized image (`local_contrast`).
+INPUT_TRANSFORMS = ("none", "lcn")
+#: Gaussian scale of "lcn" as a fraction of the model input size (1.75 px at 112 px, ~5 mm of a
+#: chest film): about a rib's half-width, so that a bone is compared with the tissue beside it.
+LCN_SIGMA_FRACTION = 1.75 / 112
+#: "lcn" maps local z-scores in [-LCN_RANGE, LCN_RANGE] linearly onto [0, 1] (clipped outside).
+LCN_RANGE = 3.0
 
 
 def decode(ds: Dataset) -> np.ndarray:
@@ -202,20 +213,54 @@ def load_png(path: str | Path) -> np.ndarray:
         raise ImageError(f"image file {str(path)!r} cannot be read: {exc}") from exc
 
 
+def local_contrast(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Local contrast normalisation of a float image, mapped back onto [0, 1].
+
+    z = (x - G*x) / sqrt(G*(x - G*x)^2 + 1e-4), G a Gaussian of `sigma` pixels (reflected borders):
+    each pixel against its neighbourhood, in units of the neighbourhood's own contrast. Any
+    brightness offset and (up to the 1e-4 floor) any gain that is constant over a few sigma
+    cancel, which is what differs most between detector read-outs, LUTs and equalisations.
+    z is clipped to +-LCN_RANGE and mapped linearly onto [0, 1] (z = 0 -> 0.5).
+    """
+    import cv2
+
+    x = np.asarray(image, dtype=np.float32)
+    if sigma <= 0:
+        raise ValueError(f"local_contrast: sigma must be > 0, got {sigma}")
+    local_mean = cv2.GaussianBlur(x, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    detail = x - local_mean
+    local_var = cv2.GaussianBlur(detail * detail, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
+    z = detail / np.sqrt(local_var + 1e-4)
+    return np.clip(0.5 + z / (2.0 * LCN_RANGE), 0.0, 1.0).astype(np.float32)
+
+
+def input_transform(image01: np.ndarray, name: str, input_size: int) -> np.ndarray:
+    """The model input transform `name` (INPUT_TRANSFORMS) of a resized [0, 1] image."""
+    if name == "none":
+        return image01
+    if name == "lcn":
+        return local_contrast(image01, LCN_SIGMA_FRACTION * input_size)
+    raise ValueError(f"input transform must be one of {INPUT_TRANSFORMS}, got {name!r}")
+
+
 def prepare(
     image01: np.ndarray,
     input_size: int,
     mean: Sequence[float],
     std: Sequence[float],
     display_max: int = 1024,
+    transform: str = "none",
 ) -> PreparedImage:
     """Display image and model input from a [0, 1] image.
 
     display: uint8, aspect kept, longer side at most `display_max`.
     tensor: float32 (3, S, S), S = input_size: the image scaled so that its longer side is S,
+    passed through the input transform `transform` (INPUT_TRANSFORMS; the display is not),
     centred on a black square (letterbox, no distortion), then normalised per channel with
     `mean` / `std`. box: (top, left, height, width) of the image inside the square.
     """
+    if transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"input transform must be one of {INPUT_TRANSFORMS}, got {transform!r}")
     img = np.asarray(image01)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ImageError(f"prepare needs a 2-D image, got shape {img.shape}")
@@ -243,7 +288,7 @@ def prepare(
     top, left = (input_size - h) // 2, (input_size - w) // 2
     square = np.zeros((input_size, input_size), dtype=np.float32)
     # From the full image, not the display: resizing twice moves pixels by up to 0.03 (of 1).
-    square[top : top + h, left : left + w] = _resize(full, (h, w))
+    square[top : top + h, left : left + w] = input_transform(_resize(full, (h, w)), transform, input_size)
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     tensor = ((square[None, :, :] - m) / s).astype(np.float32)
@@ -256,9 +301,10 @@ def prepare_dataset(
     mean: Sequence[float],
     std: Sequence[float],
     display_max: int = 1024,
+    transform: str = "none",
 ) -> PreparedImage:
     """decode() then prepare()."""
-    return prepare(decode(ds), input_size, mean, std, display_max)
+    return prepare(decode(ds), input_size, mean, std, display_max, transform)
 
 
 def _resize(img: Image.Image, shape: tuple[int, int]) -> np.ndarray:

@@ -111,6 +111,16 @@ def test_spec_round_trip():
     assert ModelSpec.from_dict(spec.to_dict()) == spec
 
 
+def test_spec_input_transform():
+    spec = ModelSpec(family="dinov2", source="x", method="lora", input_transform="lcn")
+    assert ModelSpec.from_dict(spec.to_dict()).input_transform == "lcn"
+    old = spec.to_dict()
+    del old["input_transform"]  # a bundle written before the field existed
+    assert ModelSpec.from_dict(old).input_transform == "none"
+    with pytest.raises(ValueError, match="input_transform"):
+        ModelSpec(family="dinov2", source="x", method="lora", input_transform="clahe")
+
+
 @pytest.mark.parametrize("family,prefix", [("dinov2", 1), ("rad-dino", 5), ("openclip", 1), ("chexagent", 0)])
 def test_cam_target_drops_prefix_tokens(sources, family, prefix):
     clf = build_classifier(tiny_spec(family, sources[family], "linear"))

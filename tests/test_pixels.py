@@ -12,7 +12,16 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from osteo_node.errors import ImageError
-from osteo_node.pixels import decode, load_png, prepare, prepare_dataset
+from osteo_node.pixels import (
+    INPUT_TRANSFORMS,
+    LCN_SIGMA_FRACTION,
+    decode,
+    input_transform,
+    load_png,
+    local_contrast,
+    prepare,
+    prepare_dataset,
+)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -112,6 +121,53 @@ def test_prepare_letterboxes_and_keeps_aspect():
     channel0 = prepared.tensor[0] * STD[0] + MEAN[0]
     np.testing.assert_allclose(channel0[:, :left], 0.0, atol=1e-6)  # black letterbox
     assert channel0[:, left : left + width].max() > 0.9
+
+
+def _textured(shape=(120, 96), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    image = 0.5 + 0.2 * np.sin(rows / 5.0) * np.cos(cols / 7.0) + 0.05 * rng.standard_normal(shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
+
+
+def test_local_contrast_cancels_brightness_and_gain():
+    image = _textured()
+    reference = local_contrast(image, 2.0)
+    assert reference.dtype == np.float32 and reference.min() >= 0.0 and reference.max() <= 1.0
+    assert 0.1 < float(reference.std()) < 0.4  # not flat: the texture is kept
+    np.testing.assert_allclose(local_contrast(image + 0.2, 2.0), reference, atol=1e-4)  # offset: exact
+    # gain: up to the 1e-4 variance floor, which damps the noise of very flat read-outs
+    for gain, offset, tolerance in ((0.5, 0.2, 0.02), (0.25, 0.6, 0.04)):
+        assert np.abs(local_contrast(gain * image + offset, 2.0) - reference).mean() < tolerance
+    assert np.abs(local_contrast(0.25 * image, 2.0) - reference).max() > 1e-3  # the floor is there
+    # a flat image has no local contrast: mid-grey, not noise blown up
+    np.testing.assert_allclose(local_contrast(np.full((40, 40), 0.7, np.float32), 2.0), 0.5, atol=1e-6)
+    with pytest.raises(ValueError):
+        local_contrast(image, 0.0)
+
+
+def test_prepare_applies_the_input_transform_to_the_model_input_only():
+    image = _textured((300, 200))
+    plain = prepare(image, 112, (0.0,) * 3, (1.0,) * 3, display_max=150)
+    lcn = prepare(image, 112, (0.0,) * 3, (1.0,) * 3, display_max=150, transform="lcn")
+    assert INPUT_TRANSFORMS == ("none", "lcn")
+    np.testing.assert_array_equal(prepare(image, 112, (0.0,) * 3, (1.0,) * 3, display_max=150,
+                                          transform="none").tensor, plain.tensor)
+    np.testing.assert_array_equal(lcn.display, plain.display)  # the display is never transformed
+    assert lcn.box == plain.box
+    top, left, height, width = lcn.box
+    inside = plain.tensor[0, top : top + height, left : left + width]
+    np.testing.assert_allclose(lcn.tensor[0, top : top + height, left : left + width],
+                               local_contrast(inside, LCN_SIGMA_FRACTION * 112), atol=1e-6)
+    np.testing.assert_allclose(input_transform(inside, "lcn", 112), local_contrast(inside, 1.75), atol=1e-6)
+    np.testing.assert_array_equal(lcn.tensor[0, :, :left], 0.0)  # the letterbox stays black
+    # a darker, flatter read-out of the same image gives (nearly) the same model input
+    darker = prepare(0.4 * image + 0.1, 112, (0.0,) * 3, (1.0,) * 3, transform="lcn")
+    assert np.abs(darker.tensor - lcn.tensor).mean() < 0.01
+    darker_plain = prepare(0.4 * image + 0.1, 112, (0.0,) * 3, (1.0,) * 3)
+    assert np.abs(darker_plain.tensor - plain.tensor).mean() > 0.1  # without the transform it differs
+    with pytest.raises(ValueError, match="input transform"):
+        prepare(image, 112, (0.0,) * 3, (1.0,) * 3, transform="rank")
 
 
 def test_prepare_dataset_rg1():

@@ -70,13 +70,14 @@ def test_train_command_exports_a_loadable_bundle(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     cmd = [sys.executable, "-m", "training.cli", "train", "--manifest", str(manifest), "--random-init",
            "vit-micro", "--input-size", "56", "--epochs", "2", "--batch-size", "8", "--out", str(out),
-           "--name", "smoke", "--version", "0.0.1", "--threads", "1"]
+           "--name", "smoke", "--version", "0.0.1", "--threads", "1", "--input-transform", "lcn"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "bundle.train" / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all("val_auc" in r for r in log)
     bundle = load_bundle(out)
     assert bundle.identity.name == "smoke" and bundle.spec.method == "partial"
+    assert bundle.spec.input_transform == "lcn" and "input transform lcn" in (out / "MODEL_CARD.md").read_text()
     assert bundle.manifest["data_summary"]["frontal_rows_per_split"]["val"]
     assert (out / "MODEL_CARD.md").is_file()
 
@@ -137,6 +138,20 @@ def test_init_bundle_starts_from_a_bundle_with_every_weight_trainable(tmp_path):
     with torch.no_grad():
         assert torch.allclose(start.classifier(x), model(x), atol=1e-5)  # the bundle's weights, not new ones
     assert bundle_start(str(tmp_path / "start"), 84).spec.input_size == 84
+    assert start.spec.input_transform == "none"
+    assert bundle_start(str(tmp_path / "start"), input_transform="lcn").spec.input_transform == "lcn"
+
+
+def test_cached_images_apply_the_input_transform(tmp_path):
+    from osteo_node.pixels import prepare
+    from training.data import CachedImages, load_image01
+
+    rows = read_manifest(_manifest(tmp_path))[:3]
+    plain, lcn = CachedImages(rows, 56), CachedImages(rows, 56, "lcn")
+    for i, row in enumerate(rows):
+        expected = prepare(load_image01(row.path), 56, (0.0,) * 3, (1.0,) * 3, transform="lcn").tensor[0]
+        np.testing.assert_allclose(lcn.images[i].float().numpy(), expected, atol=1e-3)  # float16 cache
+    assert not torch.allclose(lcn.images.float(), plain.images.float(), atol=0.05)
 
 
 def test_train_command_wants_exactly_one_start(tmp_path, capsys):

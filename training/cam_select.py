@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in read_manifest(args.manifest) if args.split == "all" or r.split == args.split]
         spec = bundle.spec
         inputs = torch.from_numpy(np.stack([
-            prepare(load_image01(r.path), spec.input_size, spec.mean, spec.std).tensor for r in rows[:args.n]
+            prepare(load_image01(r.path), spec.input_size, spec.mean, spec.std,
+                    transform=spec.input_transform).tensor for r in rows[:args.n]
         ])) if rows else None
     except (OSError, ValueError, KeyError, ImageError) as exc:
         print(f"osteo-train cam-select: {exc}", file=sys.stderr)

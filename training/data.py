@@ -129,15 +129,17 @@ def load_image01(path: Path) -> np.ndarray:
 
 
 class CachedImages:
-    """Letterboxed [0, 1] model inputs (N, S, S) float16 plus labels, decoded once."""
+    """Letterboxed [0, 1] model inputs (N, S, S) float16 plus labels, decoded once (after the
+    model's input transform, osteo_node.pixels.INPUT_TRANSFORMS)."""
 
-    def __init__(self, rows: Sequence[Row], input_size: int) -> None:
+    def __init__(self, rows: Sequence[Row], input_size: int, transform: str = "none") -> None:
         start = time.perf_counter()
         self.rows = list(rows)
         self.images = torch.zeros((len(self.rows), input_size, input_size), dtype=torch.float16)
         for i, row in enumerate(self.rows):
             # mean 0 / std 1: the tensor is the letterboxed [0, 1] image itself
-            prepared = prepare(load_image01(row.path), input_size, (0.0,) * 3, (1.0,) * 3, display_max=1)
+            prepared = prepare(load_image01(row.path), input_size, (0.0,) * 3, (1.0,) * 3, display_max=1,
+                               transform=transform)
             self.images[i] = torch.from_numpy(prepared.tensor[0]).to(torch.float16)
         self.labels = torch.tensor([r.label for r in self.rows], dtype=torch.long)
         logger.info("cached %d images at %d px in %.1f s", len(self.rows), input_size, time.perf_counter() - start)

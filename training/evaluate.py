@@ -142,7 +142,8 @@ def load_input(case: Case, bundle: LoadedBundle, perturb_rng: np.random.Generato
         image01 = inpaint_bone(image01, bone_mask(case, image01.shape, mask_dilation), perturb_rng)
     spec = bundle.spec
     # display_max only sizes the display copy, which evaluation does not use
-    return prepare(image01, spec.input_size, spec.mean, spec.std, display_max=64).tensor
+    return prepare(image01, spec.input_size, spec.mean, spec.std, display_max=64,
+                   transform=spec.input_transform).tensor
 
 
 @torch.no_grad()

@@ -239,7 +239,8 @@ def explain_model(bundle: LoadedBundle, cases: Sequence[Case], settings: Setting
     for i, case in enumerate(cases):
         image = load_image01(case.path)
         full_masks = {s: load_mask(p, image.shape) for s, p in case.masks.items()}
-        prepared = prepare(image, spec.input_size, spec.mean, spec.std, display_max=settings.display_max)
+        prepared = prepare(image, spec.input_size, spec.mean, spec.std, display_max=settings.display_max,
+                           transform=spec.input_transform)
         prediction, heatmap = inference.run(prepared)
         heat = heatmap.values
         masks = {s: resize_mask(m, heat.shape) for s, m in full_masks.items()}
@@ -251,7 +252,7 @@ def explain_model(bundle: LoadedBundle, cases: Sequence[Case], settings: Setting
         for structures in VARIANTS.values():
             perturbed = inpaint_bone(image, union_mask(full_masks, structures), rng)
             tensors.append(prepare(np.clip(perturbed, 0, 1), spec.input_size, spec.mean, spec.std,
-                                   display_max=1).tensor)
+                                   display_max=1, transform=spec.input_transform).tensor)
         probs = {"original": np.asarray(prediction.probabilities, dtype=np.float64)}
         probs.update(zip(VARIANTS, _forward_probs(bundle, tensors)))
 
@@ -576,7 +577,8 @@ def rg1_overlays(bundles: Mapping[str, LoadedBundle], out: Path, settings: Setti
     case = Case(Path(rg1_path), "RG1", -1, {})
     for name, bundle in bundles.items():
         spec = bundle.spec
-        prepared = prepare(image, spec.input_size, spec.mean, spec.std, display_max=512)
+        prepared = prepare(image, spec.input_size, spec.mean, spec.std, display_max=512,
+                           transform=spec.input_transform)
         primary, alt_method = settings.methods(bundle)
         for method in filter(None, (primary, alt_method)):
             inference = Inference(bundle, device=device, cam_method=method)

@@ -67,6 +67,7 @@ from osteo_node.model import (
     build_classifier,
     trainable_parameter_count,
 )
+from osteo_node.pixels import INPUT_TRANSFORMS
 from osteo_node.records import CLASS_NAMES
 from training.calibration import fit_temperature, nll, softmax
 from training.data import CachedImages, augment, normalise, read_manifest
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLINGS, default="cls",
                    help="cls, or cls+mean (CLS + mean patch token, as DINOv2's own classifier)")
     p.add_argument("--input-size", type=int, help="model input size (default: preset image_size or 224)")
+    p.add_argument("--input-transform", choices=INPUT_TRANSFORMS,
+                   help="transform of the resized image before normalisation, applied in training and "
+                        "at the node: none, or lcn (local contrast normalisation, "
+                        "osteo_node.pixels.local_contrast); default none, or the --init-bundle's")
     p.add_argument("--allow-download", action="store_true", help="let from_pretrained use the hub")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
@@ -189,17 +194,20 @@ class BundleStart:
     origin: dict[str, str]  # name, version, device UID of the starting bundle
 
 
-def bundle_start(name_or_path: str, input_size: int | None = None) -> BundleStart:
+def bundle_start(name_or_path: str, input_size: int | None = None,
+                 input_transform: str | None = None) -> BundleStart:
     """Load a bundle as the starting point of training: method partial over every block (all
     weights trainable, head included), its normalisation and pooling; `input_size` may change the
-    input resolution (DINOv2 interpolates its position embeddings). LoRA bundles are refused:
-    their adapters would need merging first."""
+    input resolution (DINOv2 interpolates its position embeddings) and `input_transform` the
+    input transform (osteo_node.pixels.INPUT_TRANSFORMS). LoRA bundles are refused: their
+    adapters would need merging first."""
     loaded = load_bundle(name_or_path)
     if loaded.spec.method == "lora":
         raise ValueError(f"--init-bundle {name_or_path}: LoRA bundles are not supported as a start")
     depth = len(backbone_blocks(loaded.classifier.backbone))
     spec = dataclasses.replace(loaded.spec, method="partial", partial_blocks=depth,
-                               input_size=input_size or loaded.spec.input_size)
+                               input_size=input_size or loaded.spec.input_size,
+                               input_transform=input_transform or loaded.spec.input_transform)
     classifier = loaded.classifier
     classifier.spec = spec
     classifier.requires_grad_(True)
@@ -514,7 +522,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         init_cfg = random_init_config(args.random_init, args.family) if args.random_init else None
-        initial = bundle_start(args.init_bundle, args.input_size) if args.init_bundle else None
+        initial = (bundle_start(args.init_bundle, args.input_size, args.input_transform)
+                   if args.init_bundle else None)
     except (ValueError, BundleError) as exc:
         print(f"osteo-train train: {exc}", file=sys.stderr)
         return 2
@@ -527,12 +536,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         spec = ModelSpec(family=args.family, source=f"random-init:{args.random_init}", method="partial",
                          partial_blocks=int(init_cfg["num_hidden_layers"]), input_size=input_size,
-                         mean=mean, std=std, pooling=args.pooling)
+                         mean=mean, std=std, pooling=args.pooling,
+                         input_transform=args.input_transform or "none")
     else:
         spec = ModelSpec(family=args.family, source=args.source, method=args.method,
                          partial_blocks=args.partial_blocks, lora_rank=args.lora_rank,
                          lora_alpha=2 * args.lora_rank, input_size=input_size, mean=mean, std=std,
-                         pooling=args.pooling)
+                         pooling=args.pooling, input_transform=args.input_transform or "none")
 
     rows = read_manifest(args.manifest, split_seed=args.seed if args.split_seed is None else args.split_seed)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
@@ -542,8 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"osteo-train train: manifest {args.manifest} needs frontal train and val rows "
               f"(got {len(by_split['train'])} train, {len(by_split['val'])} val)", file=sys.stderr)
         return 2
-    train_set = CachedImages(by_split["train"], input_size)
-    val_set = CachedImages(by_split["val"], input_size)
+    train_set = CachedImages(by_split["train"], input_size, spec.input_transform)
+    val_set = CachedImages(by_split["val"], input_size, spec.input_transform)
 
     if initial is not None:
         model = initial.classifier
@@ -591,7 +601,8 @@ def model_card(name: str, version: str, spec: ModelSpec, data_summary: dict[str,
         "## Intended use", "", intended_use, "",
         "## Model", "",
         f"- Backbone family: {spec.family} (source `{spec.source}`), adaptation: {spec.method}",
-        f"- Input: {spec.input_size} px letterboxed frontal chest radiograph, mean {spec.mean}, std {spec.std}",
+        f"- Input: {spec.input_size} px letterboxed frontal chest radiograph, input transform "
+        f"{spec.input_transform}, mean {spec.mean}, std {spec.std}",
         f"- Classes: {', '.join(CLASS_NAMES)}", "",
         "## Training data", "", "```json", json.dumps(data_summary, indent=2), "```", "",
         "## Limitations", "",
