@@ -259,8 +259,6 @@ def prepare(
     centred on a black square (letterbox, no distortion), then normalised per channel with
     `mean` / `std`. box: (top, left, height, width) of the image inside the square.
     """
-    if transform not in INPUT_TRANSFORMS:
-        raise ValueError(f"input transform must be one of {INPUT_TRANSFORMS}, got {transform!r}")
     img = np.asarray(image01)
     if img.ndim != 2 or min(img.shape) < 1:
         raise ImageError(f"prepare needs a 2-D image, got shape {img.shape}")
