@@ -79,7 +79,7 @@ def inpaint_bone(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
 
 #: Pixels kept clear between the (grown) bone mask and the off-bone region: the bone's immediate
 #: surroundings, against which its contrast is read, stay intact (4 px of the stored 512 px phantom
-#: is about 3 mm, the clearance the phantoms' own off-bone leak keeps from bone edges).
+#: is 2.6 mm, about the ~3 mm clearance the phantoms' own off-bone leak keeps from bone edges).
 OFF_BONE_MARGIN = 4
 
 
