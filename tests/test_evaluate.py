@@ -89,12 +89,63 @@ def test_perturb_bone_changes_the_inputs_only_inside_bone(cohort: Path) -> None:
     bundle = load_bundle("reference")
     case = evaluate.read_cases(cohort, "all", need_masks=True)[0]
     assert len(case.bone_masks) == len(evaluate.BONE_MASK_COLUMNS)
-    plain = evaluate.load_input(case, bundle, None)
-    perturbed = evaluate.load_input(case, bundle, np.random.default_rng(0))
+    plain, no_ratio = evaluate.load_input(case, bundle, None)
+    perturbed, ratio = evaluate.load_input(case, bundle, np.random.default_rng(0))
     assert plain.shape == perturbed.shape == (3, bundle.spec.input_size, bundle.spec.input_size)
     assert not np.allclose(plain, perturbed)
-    both = evaluate.predict(bundle, [case], perturb_bone=True)
+    assert np.isnan(no_ratio) and ratio == 1.0
+    both = evaluate.predict(bundle, [case], perturb="bone")
     assert both.probs.shape == (1, 3)
+
+
+def test_perturb_off_bone_region_is_clear_of_bone(cohort: Path) -> None:
+    from scipy.ndimage import distance_transform_edt
+
+    from training.perturb import OFF_BONE_MARGIN
+
+    for case in evaluate.read_cases(cohort, "all", need_masks=True)[:4]:
+        shape = (256, 256)
+        bone = evaluate.bone_mask(case, shape, evaluate.DEFAULT_MASK_DILATION)
+        region, bone_pixels = evaluate.perturbation_region(case, shape, "off-bone", np.random.default_rng(0))
+        assert bone_pixels == int(bone.sum()) > 0
+        clear = distance_transform_edt(~bone) > OFF_BONE_MARGIN  # farther than the margin from grown bone
+        assert region.any() and not (region & ~clear).any()
+        # As large as the bone where the image has room, else all that is clear of it (chest phantoms:
+        # the bone covers most of the image, so the region is smaller).
+        assert int(region.sum()) == min(bone_pixels, int(clear.sum()))
+        if region.sum() < bone_pixels:
+            assert np.array_equal(region, clear)
+        same, _ = evaluate.perturbation_region(case, shape, "bone", np.random.default_rng(0))
+        assert np.array_equal(same, bone)
+
+
+def test_evaluate_perturb_off_bone_changes_the_predictions(cohort: Path, reference_run: tuple[dict, Path],
+                                                           tmp_path: Path) -> None:
+    _, plain_out = reference_run
+    done = osteo_train("evaluate", "--bundle", "reference", "--manifest", str(cohort), "--split", "all",
+                       "--limit", "12", "--json", "--bootstrap", "50", "--perturb-off-bone", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["perturb_off_bone"] is True and result["perturb_bone"] is False
+    assert result["off_bone_margin"] == 4 and result["mask_dilation"] == evaluate.DEFAULT_MASK_DILATION
+    area = result["off_bone_area_ratio"]
+    assert 0.0 < area["min"] <= area["mean"] <= area["max"] <= 1.0
+
+    def probs(path: Path) -> np.ndarray:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))[:12]
+        return np.array([[float(r[f"p_{c}"]) for c in ("normal", "osteopenia", "osteoporosis")] for r in rows])
+
+    # The option is not ignored: the off-bone inpainting moves every prediction a little.
+    changed = np.abs(probs(tmp_path / "predictions.csv") - probs(plain_out / "predictions.csv")).max(axis=1)
+    assert (changed > 1e-6).all(), changed
+
+
+def test_perturb_bone_and_off_bone_exclude_each_other(cohort: Path) -> None:
+    done = osteo_train("evaluate", "--bundle", "reference", "--manifest", str(cohort), "--perturb-bone",
+                       "--perturb-off-bone")
+    assert done.returncode == 2
+    assert "not allowed with argument" in done.stderr
 
 
 def test_evaluate_refuses_a_missing_bundle(cohort: Path, tmp_path: Path) -> None:

@@ -1,13 +1,16 @@
-"""inpaint_bone: masked pixels become plausible surrounding tissue, the rest is untouched."""
+"""inpaint_bone: masked pixels become plausible surrounding tissue, the rest is untouched;
+off_bone_region: its control region, clear of bone."""
 
 from __future__ import annotations
 
 import time
 
+import cv2
 import numpy as np
 import pytest
+from scipy.ndimage import distance_transform_edt
 
-from training.perturb import inpaint_bone
+from training.perturb import OFF_BONE_MARGIN, inpaint_bone, off_bone_region
 
 
 def textured_image(size: int = 512) -> tuple[np.ndarray, np.ndarray]:
@@ -56,3 +59,40 @@ def test_fast_enough_for_explanations() -> None:
     for _ in range(5):
         inpaint_bone(image, mask, rng)
     assert (time.perf_counter() - started) / 5 < 0.05
+
+
+def near_bone(bone: np.ndarray, margin: int) -> np.ndarray:
+    """Pixels within `margin` pixels (Euclidean) of `bone`, computed independently of off_bone_region."""
+    return distance_transform_edt(~bone) <= margin
+
+
+def test_off_bone_region_has_the_bone_area_and_keeps_clear_of_bone_where_there_is_room() -> None:
+    _, bone = textured_image(256)  # a band: 1/8 of the image
+    region = off_bone_region(bone, np.random.default_rng(0))
+    assert region.shape == bone.shape and region.dtype == bool
+    assert int(region.sum()) == int(bone.sum())
+    assert not (region & near_bone(bone, OFF_BONE_MARGIN)).any()
+    # Blobs, not scattered pixels: most region pixels have all four neighbours in the region.
+    inner = cv2.erode(region.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    assert inner.sum() > 0.6 * region.sum()
+    # Drawn from the generator: the same seed gives the same region, another seed another one.
+    assert np.array_equal(region, off_bone_region(bone, np.random.default_rng(0)))
+    assert not np.array_equal(region, off_bone_region(bone, np.random.default_rng(1)))
+
+
+def test_off_bone_region_takes_everything_clear_of_bone_when_bone_covers_most_of_the_image() -> None:
+    bone = np.zeros((128, 128), bool)
+    bone[:, 20:100] = True  # 62% of the image, as the grown bone masks of a chest phantom
+    region = off_bone_region(bone, np.random.default_rng(0), margin=6)
+    assert not (region & near_bone(bone, 6)).any()
+    assert np.array_equal(region, ~near_bone(bone, 6))
+    assert 0 < region.sum() < bone.sum()
+
+
+def test_off_bone_region_of_no_bone_and_bad_arguments() -> None:
+    empty = np.zeros((32, 32), bool)
+    assert not off_bone_region(empty, np.random.default_rng(0)).any()
+    with pytest.raises(ValueError, match="2-D"):
+        off_bone_region(np.zeros((2, 32, 32), bool), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="margin"):
+        off_bone_region(empty, np.random.default_rng(0), margin=-1)

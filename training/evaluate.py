@@ -10,6 +10,14 @@ bundle's thresholds["low_bmd"], each with a 95% CI from a class-stratified, pati
 inpainted (training.perturb.inpaint_bone) on the decoded [0, 1] image before prepare(); a model
 that uses bone should fall to chance.
 
+--perturb-off-bone is its control: the same inpainting of a region off bone
+(training.perturb.off_bone_region: pixels more than --off-bone-margin pixels from the grown bone
+mask, the same area as that mask where the image has room, else all of them; random blobs drawn
+from --seed when there is room). A model that reads bone should keep its AUC. In chest phantoms
+there is no room: the grown bone masks cover about two thirds of the image, so the off-bone region
+is all of the rest (soft tissue, intercostal spaces, air) and smaller; the output reports the
+ratio of its area to the bone's (off_bone_area_ratio).
+
 Example::
 
     osteo-train evaluate --bundle reference --manifest HELDOUT/manifest.csv --split all
@@ -40,7 +48,7 @@ from osteo_node.errors import BundleError, ImageError
 from osteo_node.pixels import decode, prepare
 from osteo_node.records import CLASS_NAMES
 from training.data import read_manifest
-from training.perturb import inpaint_bone
+from training.perturb import OFF_BONE_MARGIN, inpaint_bone, off_bone_region
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,8 @@ SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 #: Bone mask dilation (pixels of the stored image) for --perturb-bone: takes the partial-volume rim
 #: of each bone, which the masks leave out, with the bone.
 DEFAULT_MASK_DILATION = 3
+#: What can be inpainted before prepare(): the grown bone mask, or a region off it (its control).
+PERTURBATIONS: tuple[str, ...] = ("bone", "off-bone")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,8 @@ class Predictions:
 
     cases: tuple[Case, ...]
     probs: np.ndarray
+    #: Per case, inpainted pixels / pixels of the grown bone mask (None when nothing was perturbed).
+    area_ratios: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -88,10 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--limit", type=int, help="evaluate at most this many rows (smoke tests)")
-    p.add_argument("--perturb-bone", action="store_true",
-                   help="inpaint the bone masks before prepare (control: AUC should fall to chance)")
+    perturb = p.add_mutually_exclusive_group()
+    perturb.add_argument("--perturb-bone", action="store_true",
+                         help="inpaint the bone masks before prepare (control: AUC should fall to chance)")
+    perturb.add_argument("--perturb-off-bone", action="store_true",
+                         help="inpaint a region off bone instead, as large as the bone where there is room "
+                              "(control of --perturb-bone: a model that reads bone keeps its AUC)")
     p.add_argument("--mask-dilation", type=int, default=DEFAULT_MASK_DILATION,
-                   help=f"pixels by which the bone masks grow for --perturb-bone (default {DEFAULT_MASK_DILATION})")
+                   help=f"pixels by which the bone masks grow for --perturb-bone and --perturb-off-bone "
+                        f"(default {DEFAULT_MASK_DILATION})")
+    p.add_argument("--off-bone-margin", type=int, default=OFF_BONE_MARGIN,
+                   help=f"pixels kept clear between the grown bone masks and the --perturb-off-bone region "
+                        f"(default {OFF_BONE_MARGIN})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for predictions.csv and metrics.json")
     return p
@@ -116,7 +136,8 @@ def read_cases(manifest: Path, split: str, *, need_masks: bool) -> list[Case]:
 def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarray:
     """Union of the case's bone masks (PNG, nonzero = bone) at `shape`, grown by `dilation` pixels."""
     if not case.bone_masks:
-        raise ValueError(f"{case.path}: no bone masks in the manifest; --perturb-bone needs them")
+        raise ValueError(f"{case.path}: no bone masks in the manifest; --perturb-bone and --perturb-off-bone "
+                         "need them")
     union = np.zeros(shape, dtype=bool)
     for path in case.bone_masks:
         with Image.open(path) as opened:
@@ -130,37 +151,62 @@ def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarr
     return union
 
 
+def perturbation_region(case: Case, shape: tuple[int, int], perturb: str, rng: np.random.Generator, *,
+                        mask_dilation: int = DEFAULT_MASK_DILATION,
+                        off_bone_margin: int = OFF_BONE_MARGIN) -> tuple[np.ndarray, int]:
+    """The pixels that `perturb` ("bone" or "off-bone") inpaints, and the grown bone mask's pixel count."""
+    bone = bone_mask(case, shape, mask_dilation)
+    if perturb == "bone":
+        return bone, int(bone.sum())
+    if perturb == "off-bone":
+        return off_bone_region(bone, rng, off_bone_margin), int(bone.sum())
+    raise ValueError(f"perturb must be one of {PERTURBATIONS}, got {perturb!r}")
+
+
 def load_input(case: Case, bundle: LoadedBundle, perturb_rng: np.random.Generator | None,
-               mask_dilation: int = DEFAULT_MASK_DILATION) -> np.ndarray:
-    """The case's model tensor (3, S, S) through decode -> [inpaint bone] -> prepare."""
+               mask_dilation: int = DEFAULT_MASK_DILATION, *, perturb: str = "bone",
+               off_bone_margin: int = OFF_BONE_MARGIN) -> tuple[np.ndarray, float]:
+    """The case's model tensor (3, S, S) through decode -> [inpaint `perturb`'s region] -> prepare, and
+    that region's area over the grown bone mask's (nan when perturb_rng is None: nothing inpainted)."""
     try:
         ds = pydicom.dcmread(case.path)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ImageError(f"{case.path}: not a readable DICOM file: {exc}") from exc
     image01 = decode(ds)
+    ratio = float("nan")
     if perturb_rng is not None:
-        image01 = inpaint_bone(image01, bone_mask(case, image01.shape, mask_dilation), perturb_rng)
+        region, bone_pixels = perturbation_region(case, image01.shape, perturb, perturb_rng,
+                                                  mask_dilation=mask_dilation, off_bone_margin=off_bone_margin)
+        image01 = inpaint_bone(image01, region, perturb_rng)
+        ratio = float(region.sum()) / max(1, bone_pixels)
     spec = bundle.spec
     # display_max only sizes the display copy, which evaluation does not use
-    return prepare(image01, spec.input_size, spec.mean, spec.std, display_max=64,
-                   transform=spec.input_transform).tensor
+    tensor = prepare(image01, spec.input_size, spec.mean, spec.std, display_max=64,
+                     transform=spec.input_transform).tensor
+    return tensor, ratio
 
 
 @torch.no_grad()
 def predict(bundle: LoadedBundle, cases: Sequence[Case], *, batch_size: int = 32,
-            perturb_bone: bool = False, seed: int = 0,
-            mask_dilation: int = DEFAULT_MASK_DILATION, calibrated: bool = True) -> Predictions:
+            perturb: str | None = None, seed: int = 0, mask_dilation: int = DEFAULT_MASK_DILATION,
+            off_bone_margin: int = OFF_BONE_MARGIN, calibrated: bool = True) -> Predictions:
     """Probabilities as the node reports them (temperature applied; calibrated=False: without it)
-    for `cases` (eval mode, batched)."""
+    for `cases` (eval mode, batched), with `perturb`'s region ("bone", "off-bone") inpainted if given."""
+    if perturb is not None and perturb not in PERTURBATIONS:
+        raise ValueError(f"perturb must be one of {PERTURBATIONS} or None, got {perturb!r}")
     model = bundle.classifier.eval()
-    rng = np.random.default_rng(seed) if perturb_bone else None
+    rng = np.random.default_rng(seed) if perturb else None
     out: list[np.ndarray] = []
+    ratios: list[float] = []
     for start in range(0, len(cases), batch_size):
-        batch = np.stack([load_input(c, bundle, rng, mask_dilation) for c in cases[start : start + batch_size]])
+        inputs = [load_input(c, bundle, rng, mask_dilation, perturb=perturb or "bone", off_bone_margin=off_bone_margin)
+                  for c in cases[start : start + batch_size]]
+        batch = np.stack([tensor for tensor, _ in inputs])
+        ratios += [ratio for _, ratio in inputs]
         logits = model(torch.from_numpy(batch).to(bundle.device)).float().cpu()
         out.append(bundle.probabilities(logits, calibrated=calibrated).numpy().astype(np.float64))
     probs = np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)))
-    return Predictions(cases=tuple(cases), probs=probs)
+    return Predictions(cases=tuple(cases), probs=probs, area_ratios=np.array(ratios) if perturb else None)
 
 
 def summarise(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str], low_bmd_threshold: float,
@@ -198,15 +244,27 @@ def summarise(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str],
     }
 
 
+def area_summary(ratios: np.ndarray | None) -> dict[str, float]:
+    """Mean, min and max of the per-image ratios of inpainted area to grown bone area."""
+    if ratios is None or not len(ratios):
+        raise ValueError("area_summary: no perturbed images")
+    return {"mean": float(np.mean(ratios)), "min": float(np.min(ratios)), "max": float(np.max(ratios))}
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A readable table of `result` (from summarise, plus bundle / manifest keys)."""
     def row(label: str, m: dict[str, float]) -> str:
         return f"  {label:<28} {m['value']:6.3f}   [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
     head = [f"bundle {result.get('bundle', '?')}  manifest {result.get('manifest', '?')}  "
-            f"split {result.get('split', '?')}{'  BONE PERTURBED' if result.get('perturb_bone') else ''}",
+            f"split {result.get('split', '?')}{'  BONE PERTURBED' if result.get('perturb_bone') else ''}"
+            f"{'  OFF-BONE PERTURBED' if result.get('perturb_off_bone') else ''}",
             f"n = {result['n']} images, {result['n_patients']} patients, classes {result['class_counts']}",
             f"  {'metric':<28} {'value':>6}   95% CI ({result['bootstrap']['resamples']} patient-level resamples)"]
+    if "off_bone_area_ratio" in result:
+        area = result["off_bone_area_ratio"]
+        head.insert(2, f"off-bone region / grown bone area: mean {area['mean']:.3f} "
+                       f"(min {area['min']:.3f}, max {area['max']:.3f}), margin {result['off_bone_margin']} px")
     lines = [row("macro one-vs-rest AUC", result["macro_auc"]),
              *(row(f"AUC {name} vs rest", m) for name, m in result["per_class_auc"].items()),
              row("low-BMD AUC", result["low_bmd_auc"]),
@@ -223,7 +281,9 @@ def write_predictions(path: Path, predictions: Predictions) -> None:
         writer = csv.writer(fh)
         writer.writerow(["file", "patient_id", "class", *(f"p_{name}" for name in CLASS_NAMES)])
         for case, p in zip(predictions.cases, predictions.probs):
-            writer.writerow([str(case.path), case.patient_id, CLASS_NAMES[case.label], *(f"{v:.6f}" for v in p)])
+            # 9 significant digits keep float32 probabilities exactly (6 decimals tied the saturated
+            # scores of a --perturb-bone run and changed its AUC in the third decimal)
+            writer.writerow([str(case.path), case.patient_id, CLASS_NAMES[case.label], *(f"{v:.9g}" for v in p)])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"osteo-train evaluate: {exc}", file=sys.stderr)
         return 2
     try:
-        cases = read_cases(args.manifest, args.split, need_masks=args.perturb_bone)
+        cases = read_cases(args.manifest, args.split, need_masks=args.perturb_bone or args.perturb_off_bone)
     except (OSError, ValueError) as exc:
         print(f"osteo-train evaluate: {exc}", file=sys.stderr)
         return 2
@@ -252,15 +312,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     threshold = float(bundle.manifest.get("thresholds", {}).get("low_bmd", 0.5))
 
     start = time.perf_counter()
-    predictions = predict(bundle, cases, batch_size=args.batch_size, perturb_bone=args.perturb_bone, seed=args.seed,
-                          mask_dilation=args.mask_dilation)
+    perturb = "bone" if args.perturb_bone else "off-bone" if args.perturb_off_bone else None
+    predictions = predict(bundle, cases, batch_size=args.batch_size, perturb=perturb, seed=args.seed,
+                          mask_dilation=args.mask_dilation, off_bone_margin=args.off_bone_margin)
     logger.info("predicted %d images in %.1f s", len(cases), time.perf_counter() - start)
     result = summarise(predictions.labels, predictions.probs, predictions.patient_ids, threshold,
                        n_bootstrap=args.bootstrap, seed=args.seed)
     result = {"bundle": bundle.identity.name, "bundle_version": bundle.identity.version,
               "device_uid": bundle.identity.device_uid, "manifest": str(args.manifest), "split": args.split,
-              "perturb_bone": args.perturb_bone,
-              **({"mask_dilation": args.mask_dilation} if args.perturb_bone else {}), **result}
+              "perturb_bone": args.perturb_bone, "perturb_off_bone": args.perturb_off_bone,
+              **({"mask_dilation": args.mask_dilation} if perturb else {}),
+              **({"off_bone_margin": args.off_bone_margin,
+                  "off_bone_area_ratio": area_summary(predictions.area_ratios)} if args.perturb_off_bone else {}),
+              **result}
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
