@@ -57,7 +57,7 @@ def test_explain_cli_json_and_report(tmp_path: Path, phantoms: Path) -> None:
     proc = subprocess.run(
         [*OSTEO_TRAIN, "explain", "--bundle", str(bundle), "--manifest", str(phantoms), "--split", "all",
          "--bootstrap", "50", "--faith-n", "2", "--json", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=480, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
