@@ -91,8 +91,8 @@ def test_perturb_bone_changes_the_inputs_only_inside_bone(cohort: Path) -> None:
     bundle = load_bundle("reference")
     case = evaluate.read_cases(cohort, "all", need_masks=True)[0]
     assert len(case.bone_masks) == len(evaluate.BONE_MASK_COLUMNS)
-    plain, no_ratio = evaluate.load_input(case, bundle, None)
-    perturbed, ratio = evaluate.load_input(case, bundle, np.random.default_rng(0))
+    plain, no_ratio = evaluate.load_input(case, bundle)
+    perturbed, ratio = evaluate.load_input(case, bundle, "bone", np.random.default_rng(0))
     assert plain.shape == perturbed.shape == (3, bundle.spec.input_size, bundle.spec.input_size)
     assert not np.allclose(plain, perturbed)
     assert np.isnan(no_ratio) and ratio == 1.0

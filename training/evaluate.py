@@ -163,21 +163,23 @@ def perturbation_region(case: Case, shape: tuple[int, int], perturb: str, rng: n
     raise ValueError(f"perturb must be one of {PERTURBATIONS}, got {perturb!r}")
 
 
-def load_input(case: Case, bundle: LoadedBundle, perturb_rng: np.random.Generator | None,
-               mask_dilation: int = DEFAULT_MASK_DILATION, *, perturb: str = "bone",
+def load_input(case: Case, bundle: LoadedBundle, perturb: str | None = None, rng: np.random.Generator | None = None,
+               *, mask_dilation: int = DEFAULT_MASK_DILATION,
                off_bone_margin: int = OFF_BONE_MARGIN) -> tuple[np.ndarray, float]:
-    """The case's model tensor (3, S, S) through decode -> [inpaint `perturb`'s region] -> prepare, and
-    that region's area over the grown bone mask's (nan when perturb_rng is None: nothing inpainted)."""
+    """The case's model tensor (3, S, S) through decode -> [inpaint `perturb`'s region, drawing from
+    `rng`] -> prepare, and that region's area over the grown bone mask's (nan when `perturb` is None)."""
     try:
         ds = pydicom.dcmread(case.path)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise ImageError(f"{case.path}: not a readable DICOM file: {exc}") from exc
     image01 = decode(ds)
     ratio = float("nan")
-    if perturb_rng is not None:
-        region, bone_pixels = perturbation_region(case, image01.shape, perturb, perturb_rng,
+    if perturb is not None:
+        if rng is None:
+            raise ValueError("load_input: perturb needs an rng")
+        region, bone_pixels = perturbation_region(case, image01.shape, perturb, rng,
                                                   mask_dilation=mask_dilation, off_bone_margin=off_bone_margin)
-        image01 = inpaint_bone(image01, region, perturb_rng)
+        image01 = inpaint_bone(image01, region, rng)
         ratio = float(region.sum()) / max(1, bone_pixels)
     spec = bundle.spec
     # display_max only sizes the display copy, which evaluation does not use
@@ -199,7 +201,7 @@ def predict(bundle: LoadedBundle, cases: Sequence[Case], *, batch_size: int = 32
     out: list[np.ndarray] = []
     ratios: list[float] = []
     for start in range(0, len(cases), batch_size):
-        inputs = [load_input(c, bundle, rng, mask_dilation, perturb=perturb or "bone", off_bone_margin=off_bone_margin)
+        inputs = [load_input(c, bundle, perturb, rng, mask_dilation=mask_dilation, off_bone_margin=off_bone_margin)
                   for c in cases[start : start + batch_size]]
         batch = np.stack([tensor for tensor, _ in inputs])
         ratios += [ratio for _, ratio in inputs]
