@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -32,10 +33,26 @@ def require_tool(name: str) -> str:
     return path
 
 
+#: This pytest-xdist worker's own block of ports, below Linux's ephemeral range (32768-60999).
+#: A port from bind(("127.0.0.1", 0)) is free only until the next bind anywhere on the machine:
+#: when a test stops a server to simulate an outage, another worker's server or an outgoing
+#: connection could take its port before it starts again. Blocks per worker rule that out.
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORT_BLOCK = range(21000 + 1000 * _WORKER, 22000 + 1000 * _WORKER)
+_next_ports = itertools.cycle(_PORT_BLOCK)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no other test worker hands out."""
+    for _ in _PORT_BLOCK:
+        port = next(_next_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORT_BLOCK}")
 
 
 def _postgres_available() -> str | None:

@@ -87,6 +87,9 @@ class Orthanc:
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.process.returncode}; "
+                                   f"see {self.folder / 'log'}")
             try:
                 self.get("/system")
                 return self

@@ -6,6 +6,7 @@ Each test runs on SQLite and again on PostgreSQL.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,18 +150,27 @@ def _collect(item: object, values: dict) -> None:
 def test_worker_killed_mid_job_completes_after_restart_without_duplicates(
     stack: tuple[Orthanc, Path], database_url: str
 ) -> None:
+    """The job is held in progress: its stored file is swapped for a named pipe, so the worker
+    that claims it blocks reading it (a screening takes ~0.2 s, too short to catch reliably by
+    polling under load), and is SIGKILLed there; the file is put back and a new worker finishes."""
     pacs, config = stack
     pacs.start()
     receiver = NodeProcess(config, "receive").start()
-    worker = NodeProcess(config, "work").start(wait_for_echo=False)
+    worker = None
     try:
         chest = Path(get_testdata_file("RG1_UNCR.dcm"))
         assert storescu(receiver.port, chest) == ["Success"]
-        wait_for(lambda: any(j.state == "running" for j in jobs(database_url)), 120,
-                 "the worker to start the job", interval=0.01)
+        (job,) = jobs(database_url)
+        stored = _stored_path(config, database_url, job.instance_id)
+        kept = stored.with_name("kept")
+        os.replace(stored, kept)
+        os.mkfifo(stored)
+        worker = NodeProcess(config, "work").start(wait_for_echo=False)
+        wait_for(lambda: jobs(database_url)[0].state == "running", 120, "the worker to claim the job")
         worker.kill()  # SIGKILL while the job is in progress
         (job,) = jobs(database_url)
-        assert job.state == "running"
+        assert (job.state, job.attempts) == ("running", 1)
+        os.replace(kept, stored)
         worker = NodeProcess(config, "work").start(wait_for_echo=False)
         wait_for(lambda: jobs_done(database_url, 3), 180, "infer, send, refer done after restart")
         infer = jobs(database_url)[0]
@@ -179,8 +189,23 @@ def test_worker_killed_mid_job_completes_after_restart_without_duplicates(
         wait_for(lambda: jobs_done(database_url, 3), 60, "the repeated send")
         assert len(pacs.get("/instances")) == 2
     finally:
-        worker.stop()
+        if worker is not None:
+            worker.stop()
         receiver.stop()
+
+
+def _stored_path(config: Path, database_url: str, instance_id: int) -> Path:
+    """Absolute path of a received instance's stored file."""
+    from osteo_node.config import load_settings
+    from osteo_node.db import make_engine
+    from osteo_node.results import stored_file
+
+    engine = make_engine(database_url)
+    try:
+        _, relative = stored_file(engine, instance_id)
+    finally:
+        engine.dispose()
+    return load_settings(config).node.data_dir / "store" / relative
 
 
 def test_results_wait_for_a_pacs_that_is_down(stack: tuple[Orthanc, Path], database_url: str) -> None:
