@@ -6,8 +6,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from conftest import require_tool
 from osteo_node.synthetic import DX_FOR_PRESENTATION, synthetic_dx
+
+from conftest import require_tool
 
 __all__ = ["DX_FOR_PRESENTATION", "synthetic_dx", "storescu", "echoscu", "dciodvfy_errors"]
 

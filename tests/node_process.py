@@ -10,10 +10,11 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conftest import free_port
-from dicom_tools import echoscu
 from osteo_node.bench import processes
 from osteo_node.db import Job, make_engine
+
+from conftest import free_port
+from dicom_tools import echoscu
 
 
 def write_config(folder: Path, *, database_url: str, bundle: str, pacs_port: int,

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_tool
 
 from osteo_node.bench import Counts, ScratchDatabases, format_table, run_bench, summary, worker_counts
 from osteo_node.cli import main
 from osteo_node.config import Settings, parse_settings
+
+from conftest import require_tool
 
 TINY_COUNTS = Counts(dx_receive=6, cr_receive=2, pipeline=2, throughput=2, end_to_end=2, memory_cr=2,
                      floor_repeats=2)

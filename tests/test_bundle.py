@@ -10,6 +10,7 @@ import torch
 from osteo_node.bundle import LoadedBundle, export_bundle, load_bundle, resolve_bundle_path
 from osteo_node.errors import BundleError
 from osteo_node.model import FAMILIES, METHODS, CamChoice, backbone_blocks, build_classifier, cam_target
+
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 
@@ -77,7 +78,8 @@ def test_device_uid_changes_at_every_export(tmp_path):
     assert load_bundle(out).identity.device_uid != first
 
 
-@pytest.mark.parametrize("victim", ["head.safetensors", "backbone/model.safetensors", "adapter/adapter_model.safetensors"])
+@pytest.mark.parametrize("victim", ["head.safetensors", "backbone/model.safetensors",
+                                    "adapter/adapter_model.safetensors"])
 def test_tampered_file_is_named(tmp_path, victim):
     _, _, out = _export(tmp_path)
     with open(out / victim, "r+b") as fh:

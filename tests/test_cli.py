@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
-from node_process import write_config
-from orthanc import Orthanc
 from osteo_node import cli
 from osteo_node.db import make_engine
 from osteo_node.queue import Queue, Received, RetryPolicy
+
+from conftest import free_port
+from node_process import write_config
+from orthanc import Orthanc
 
 
 def osteo_node(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from test_dxa import TODAY, rows, screened
 
 from osteo_node import cli, migrate
 from osteo_node.db import make_engine
-from test_dxa import TODAY, rows, screened
 
 D = (TODAY - dt.timedelta(days=10)).isoformat()
 FUTURE = (TODAY + dt.timedelta(days=2)).isoformat()

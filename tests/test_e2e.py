@@ -16,12 +16,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from osteo_node.codes import CATEGORY_CODES
+from osteo_node.records import CLASS_NAMES
+
 from conftest import free_port
 from dicom_tools import dciodvfy_errors, storescu, synthetic_dx
 from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
 from orthanc import Orthanc
-from osteo_node.codes import CATEGORY_CODES
-from osteo_node.records import CLASS_NAMES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 

@@ -12,7 +12,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from conftest import require_tool
 from pydicom.data import get_testdata_file
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
@@ -31,6 +30,8 @@ from osteo_node.encode import (
     to_bytes,
 )
 from osteo_node.records import CLASS_NAMES, BoneAttention, Heatmap, ModelIdentity, Prediction
+
+from conftest import require_tool
 
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.777001"
 OTHER_DEVICE_UID = "1.2.826.0.1.3680043.8.498.777002"

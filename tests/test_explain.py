@@ -12,12 +12,13 @@ import pydicom
 import pytest
 import torch
 from pydicom.data import get_testdata_file
-from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 from osteo_node.bundle import export_bundle, load_bundle
 from osteo_node.infer import Inference
 from osteo_node.model import FAMILIES, build_classifier
 from osteo_node.pixels import prepare_dataset
+
+from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 OSTEO_TRAIN = [sys.executable, "-m", "training.cli"]

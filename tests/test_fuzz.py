@@ -11,10 +11,11 @@ from pydicom import dcmread
 from pynetdicom import AE
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from test_receive import Node, start
+
+from osteo_node.db import Instance, Job
 
 from dicom_tools import echoscu, synthetic_dx
-from osteo_node.db import Instance, Job
-from test_receive import Node, start
 
 # pydicom warns about every corrupt element it meets: expected here, by the thousand.
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]

@@ -20,13 +20,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
+from test_dxa import TODAY, oru, rows, screened
 
-from conftest import free_port
 from osteo_node import migrate
 from osteo_node.config import Hl7Settings
 from osteo_node.db import DxaResult, ScreenedImage, make_engine
 from osteo_node.hl7_listener import Listener
-from test_dxa import TODAY, oru, rows, screened
+
+from conftest import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,10 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from osteo_node import migrate
+from osteo_node import migrate, results
 from osteo_node.db import Instance, Result, make_engine, utcnow
 from osteo_node.housekeeping import STALE_TMP_S, analyze, purge, start_scheduler, sweep
 from osteo_node.queue import INFER, SEND, Queue, Received, RetryPolicy
-from osteo_node import results
 from osteo_node.store import FileStore
 
 

@@ -13,6 +13,7 @@ from osteo_node.infer import CAM_METHODS, Inference, to_display_grid
 from osteo_node.model import FAMILIES, backbone_blocks, build_classifier
 from osteo_node.pixels import prepare_dataset
 from osteo_node.records import CLASS_NAMES
+
 from tinymodels import INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 

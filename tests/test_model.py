@@ -16,6 +16,7 @@ from osteo_node.model import (
     num_prefix_tokens,
     trainable_parameter_count,
 )
+
 from tinymodels import CONFIGS, INPUT_SIZE, TINY, save_tiny_backbone, tiny_spec
 
 

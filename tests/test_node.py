@@ -14,14 +14,15 @@ from prometheus_client import REGISTRY
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from conftest import free_port
-from dicom_tools import storescu, synthetic_dx
 from osteo_node import migrate
 from osteo_node.config import Settings, parse_settings
 from osteo_node.db import make_engine
 from osteo_node.errors import SchemaError
 from osteo_node.node import Node
 from osteo_node.queue import INFER
+
+from conftest import free_port
+from dicom_tools import storescu, synthetic_dx
 
 
 def settings(folder: Path, *, database_url: str = "", **dicom: object) -> Settings:

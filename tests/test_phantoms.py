@@ -121,7 +121,8 @@ def test_dicom_header_is_a_dx_for_presentation(cohort: Path, rows: list[dict[str
         assert ds.ViewPosition == ("PA" if row["view"] == "PA" else "LL")
         assert ds.PatientSex == row["sex"]
         assert ds.PatientAge == f"{int(row['age']):03d}Y"
-        birth, study = (int(ds.PatientBirthDate[:4]), ds.PatientBirthDate[4:]), (int(ds.StudyDate[:4]), ds.StudyDate[4:])
+        birth = (int(ds.PatientBirthDate[:4]), ds.PatientBirthDate[4:])
+        study = (int(ds.StudyDate[:4]), ds.StudyDate[4:])
         assert study[0] - birth[0] - (study[1] < birth[1]) == int(row["age"])
         number = row["patient_id"].split("-")[1]
         assert str(ds.PatientName) == f"PHANTOM^{number}" and ds.PatientID == row["patient_id"]

@@ -15,9 +15,6 @@ from pynetdicom import AE
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from conftest import free_port
-from dicom_tools import echoscu, storescu, synthetic_dx
-from node_process import wait_for
 from osteo_node import migrate
 from osteo_node.config import DicomSettings
 from osteo_node.db import Instance, Job, make_engine
@@ -26,6 +23,10 @@ from osteo_node.housekeeping import STALE_TMP_S
 from osteo_node.queue import Queue, RetryPolicy
 from osteo_node.receive import ReceiveLimits, start_receiver
 from osteo_node.store import FileStore
+
+from conftest import free_port
+from dicom_tools import echoscu, storescu, synthetic_dx
+from node_process import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,16 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from test_e2e import SR_CLASS, sr_probabilities
+
+from osteo_node.bundle import load_bundle
+from osteo_node.eligibility import EligibilityRules, decide
+from training.evaluate import predict, read_cases
+from training.phantoms import GenerationOptions, generate
 
 from conftest import free_port
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs_done, wait_for, write_config
 from orthanc import Orthanc
-from osteo_node.bundle import load_bundle
-from osteo_node.eligibility import EligibilityRules, decide
-from test_e2e import SR_CLASS, sr_probabilities
-from training.evaluate import predict, read_cases
-from training.phantoms import GenerationOptions, generate
 
 
 def test_reference_bundle_says_what_it_is() -> None:

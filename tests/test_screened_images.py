@@ -15,7 +15,6 @@ from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_tools import synthetic_dx
 from osteo_node import migrate
 from osteo_node.bundle import load_bundle
 from osteo_node.config import parse_settings
@@ -24,6 +23,8 @@ from osteo_node.infer import Inference
 from osteo_node.queue import Queue, Received
 from osteo_node.store import FileStore
 from osteo_node.work import Worker
+
+from dicom_tools import synthetic_dx
 from tinymodels import export_tiny_bundle
 
 

@@ -10,10 +10,11 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from conftest import require_tool
 from osteo_node.bench.dcmtk import Dcmtk
 from osteo_node.config import Destination
 from osteo_node.send import _associate, send_files
+
+from conftest import require_tool
 
 pytestmark = pytest.mark.integration
 

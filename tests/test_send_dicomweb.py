@@ -7,11 +7,6 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from conftest import free_port
-from dicom_tools import storescu
-from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
-from ohif import HttpsProxy
-from orthanc import Orthanc
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from test_tls import pki  # noqa: F401  (the test CA and certificates fixture)
@@ -19,6 +14,12 @@ from test_tls import pki  # noqa: F401  (the test CA and certificates fixture)
 from osteo_node.config import Destination
 from osteo_node.errors import SendError
 from osteo_node.send import echo, send_files
+
+from conftest import free_port
+from dicom_tools import storescu
+from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
+from ohif import HttpsProxy
+from orthanc import Orthanc
 
 pytestmark = pytest.mark.integration
 

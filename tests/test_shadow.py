@@ -9,12 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicom_tools import synthetic_dx
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
-from tinymodels import export_tiny_bundle
 
 from osteo_node import migrate, roles, work
 from osteo_node.bundle import load_bundle, read_manifest
@@ -32,6 +30,9 @@ from osteo_node.infer import Inference
 from osteo_node.queue import DONE, INFER, QUEUED, SEND, SHADOW, Queue, Received
 from osteo_node.store import FileStore
 from osteo_node.work import Worker
+
+from dicom_tools import synthetic_dx
+from tinymodels import export_tiny_bundle
 
 
 @pytest.fixture(scope="module")

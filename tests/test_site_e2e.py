@@ -13,17 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from osteo_node.bundle import read_manifest, resolve_bundle_path
+from osteo_node.db import AuditEvent, Referral, Result, make_engine
+
 from conftest import free_port
 from dicom_tools import storescu
 from node_process import NodeProcess, jobs, jobs_done, wait_for, write_config
 from orthanc import Orthanc
-from pydicom import dcmread
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 from tinymodels import export_tiny_bundle
-
-from osteo_node.bundle import read_manifest, resolve_bundle_path
-from osteo_node.db import AuditEvent, Referral, Result, make_engine
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 

@@ -18,10 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, free_port, served_web
-from dicom_tools import storescu
-from node_process import NodeProcess, jobs, wait_for, write_config
-from orthanc import Orthanc
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -36,6 +32,11 @@ from osteo_node.config import Settings, load_settings
 from osteo_node.db import DxaResult, make_engine
 from osteo_node.validation_report import Fmt
 from osteo_node.web.auth import add_user
+
+from conftest import IN_CI, free_port, served_web
+from dicom_tools import storescu
+from node_process import NodeProcess, jobs, wait_for, write_config
+from orthanc import Orthanc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,6 @@ import pydicom
 import pytest
 import torch
 from safetensors.torch import load_file
-from tinymodels import CONFIGS, INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 from osteo_node.bundle import load_bundle
 from osteo_node.infer import Inference
@@ -32,6 +31,8 @@ from osteo_node.pixels import decode, prepare
 from training import train as train_mod
 from training.calibration import softmax
 from training.report import FIGURES
+
+from tinymodels import CONFIGS, INPUT_SIZE, save_tiny_backbone, tiny_spec
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}

@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 from pydicom.data import get_testdata_file
 
-from conftest import free_port, require_tool
-from dicom_tools import storescu
 from osteo_node import migrate
 from osteo_node.config import DicomSettings, TlsSettings, parse_settings
 from osteo_node.db import make_engine
@@ -21,6 +19,9 @@ from osteo_node.queue import Queue
 from osteo_node.receive import ReceiveLimits, start_receiver
 from osteo_node.send import echo, send_files
 from osteo_node.store import FileStore
+
+from conftest import free_port, require_tool
+from dicom_tools import storescu
 
 pytestmark = pytest.mark.integration
 

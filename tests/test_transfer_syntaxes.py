@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pynetdicom import AE
+from test_receive import Node, start
+
+from osteo_node import pixels
 
 from conftest import require_tool
 from dicom_tools import DX_FOR_PRESENTATION, storescu, synthetic_dx
-from osteo_node import pixels
-from test_receive import Node, start
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,6 @@ from osteo_node.validate import (
     INSUFFICIENT,
     LIVE,
     PASSING,
-    SHADOW,
     figures,
     status_of,
     validate,
@@ -139,7 +138,8 @@ def test_figures_against_known_values() -> None:
     assert out["low_bmd_auc"]["n"] == 8 and out["low_bmd_auc"]["small_sample"] is True
     at = out["at_threshold"]
     # flagged: 0.6 (normal), 0.7, 0.8, 0.9 -> TP 3, FP 1, TN 3, FN 1
-    assert (at["sensitivity"], at["specificity"], at["ppv"], at["npv"], at["flag_rate"]) == (0.75, 0.75, 0.75, 0.75, 0.5)
+    assert ((at["sensitivity"], at["specificity"], at["ppv"], at["npv"], at["flag_rate"])
+            == (0.75, 0.75, 0.75, 0.75, 0.5))
     assert at["n"] == {"sensitivity": 4, "specificity": 4, "ppv": 4, "npv": 4, "flag_rate": 8}
     assert all(at["ci"][k]["small_sample"] for k in at["ci"])
     assert out["low_bmd_auc"]["ci_low"] <= 15 / 16 <= out["low_bmd_auc"]["ci_high"]

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, served_web
 from sqlalchemy.orm import Session
 from test_web_browser import ARTIFACTS, CHROMIUM, PASSWORD, _require_chromium
 
@@ -18,6 +17,8 @@ from osteo_node.config import Settings, parse_settings
 from osteo_node.db import make_engine
 from osteo_node.manifest import read_manifest, resolve_bundle_path
 from osteo_node.web.auth import add_user
+
+from conftest import free_port, served_web
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

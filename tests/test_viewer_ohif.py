@@ -16,10 +16,6 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from conftest import IN_CI, free_port
-from node_process import NodeProcess, jobs_done, wait_for, write_config
-from ohif import OhifServer, require_ohif
-from orthanc import Orthanc, require_dicomweb_plugin
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -27,6 +23,11 @@ from pydicom.data import get_testdata_file
 from osteo_node import codes
 from osteo_node.bundle import load_bundle
 from osteo_node.records import CLASS_NAMES
+
+from conftest import IN_CI, free_port
+from node_process import NodeProcess, jobs_done, wait_for, write_config
+from ohif import OhifServer, require_ohif
+from orthanc import Orthanc, require_dicomweb_plugin
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 

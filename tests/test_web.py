@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from starlette.routing import Route
+from test_refer import POLICY, make_result, study_of
 
 from osteo_node import migrate
 from osteo_node.config import Settings, parse_settings
@@ -27,7 +28,6 @@ from osteo_node.web import create_app
 from osteo_node.web.app import PUBLIC_PATHS, all_routes
 from osteo_node.web.auth import add_user
 from osteo_node.worklist import CSV_COLUMNS, FHIR_STATUS
-from test_refer import POLICY, make_result, study_of
 
 PASSWORD = "correct horse battery"
 

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, free_port, served_web
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -23,6 +22,8 @@ from osteo_node.queue import Received
 from osteo_node.web.auth import add_user
 from osteo_node.work import Worker
 from training.phantoms import GenerationOptions, generate
+
+from conftest import IN_CI, free_port, served_web
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, served_web
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -26,6 +25,8 @@ from osteo_node.config import parse_settings
 from osteo_node.db import DxaResult, Referral, WebSession, make_engine, utcnow
 from osteo_node.refer import ReferralPolicy, refer
 from osteo_node.web.auth import add_user
+
+from conftest import free_port, served_web
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

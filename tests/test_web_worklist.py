@@ -101,7 +101,10 @@ def test_who_to_call_shows_phone_or_says_it_is_missing(app, engine: Engine) -> N
 def test_contact_attempts_notes_appointment_and_assignment(app, engine: Engine) -> None:  # noqa: F811
     (rid,) = add_referrals(engine, 1)
     c, token = login(app)
-    post = lambda path, **data: c.post(f"/referrals/{rid}/{path}", data={"csrf_token": token, **data})
+
+    def post(path: str, **data: str):
+        return c.post(f"/referrals/{rid}/{path}", data={"csrf_token": token, **data})
+
     assert post("contact", outcome="no answer", note="tried at 9:10").status_code == 303
     assert post("contact", outcome="hung up").status_code == 400
     assert post("note", note="prefers mornings; speaks Italian").status_code == 303
@@ -182,7 +185,8 @@ def test_admin_changes_roles_but_not_their_own(app, engine: Engine) -> None:  # 
     boss, token = login(app, "boss")
     with Session(engine) as session:
         ids = {u.name: u.id for u in session.scalars(select(User))}
-    assert boss.post(f"/admin/users/{ids['coord']}/role", data={"csrf_token": token, "role": "admin"}).status_code == 303
+    assert boss.post(f"/admin/users/{ids['coord']}/role",
+                     data={"csrf_token": token, "role": "admin"}).status_code == 303
     assert boss.post(f"/admin/users/{ids['boss']}/role",
                      data={"csrf_token": token, "role": "coordinator"}).status_code == 400
     assert boss.post(f"/admin/users/{ids['coord']}/role", data={"csrf_token": token, "role": "god"}).status_code == 400

@@ -18,7 +18,6 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_tools import synthetic_dx
 from osteo_node import migrate
 from osteo_node.bundle import load_bundle
 from osteo_node.config import Settings, parse_settings
@@ -28,6 +27,8 @@ from osteo_node.pipeline import Examined, Loaded
 from osteo_node.queue import DONE, FAILED, INFER, QUEUED, REFER, RUNNING, JobRecord, Queue, Received
 from osteo_node.store import FileStore
 from osteo_node.work import Worker
+
+from dicom_tools import synthetic_dx
 from tinymodels import export_tiny_bundle
 
 

@@ -14,7 +14,8 @@ No bone mask and no label is used, so the choice cannot be tuned towards the bon
 `osteo-train explain` then reports. `--write` records the winner in the bundle's bundle.json
 ("cam": method, block and how it was chosen); the node (`[model] cam_method = "bundle"`) and
 `osteo-train explain` use it. The secondary captures change with it, so `--write` also gives the
-bundle a new Device UID (outputs are identified by it) and, with `--version`, a new version. Grad-CAM at the last block is what a bundle without a choice uses.
+bundle a new Device UID (outputs are identified by it) and, with `--version`, a new version.
+Grad-CAM at the last block is what a bundle without a choice uses.
 """
 
 from __future__ import annotations

@@ -650,13 +650,16 @@ def write_report(out: Path, summaries: Mapping[str, Mapping[str, Any]], figures:
              f"Command: `{command}`", ""]
     for name, s in summaries.items():
         m = s["model"]
-        lines += [f"## {name}: {m['name']} {m['version']} ({m['backbone']}/{m['method']}, device UID {m['device_uid']})", "",
+        lines += [f"## {name}: {m['name']} {m['version']} ({m['backbone']}/{m['method']}, "
+                  f"device UID {m['device_uid']})", "",
                   (f"Manifest `{s['manifest']}`: {s['n']} frontal images, {s['n_patients']} patients, "
-                   f"classes {s['class_counts']}. CAM: {s['method']} at block {s['cam_block']}; salient region: {s['threshold_rule']}. "
+                   f"classes {s['class_counts']}. CAM: {s['method']} at block {s['cam_block']}; "
+                   f"salient region: {s['threshold_rule']}. "
                    f"AUC: {s['auc_kind']}. 95% CI: patient-level stratified bootstrap, "
                    f"{s['bootstrap']['resamples']} resamples."), "",
                   "| metric | value [95% CI] | chance / reference |", "|---|---|---|",
-                  f"| bone mass fraction | {_pct(s['bone_mass_fraction'])} | bone area fraction {s['chance']['bone_area_fraction']:.3f} |",
+                  f"| bone mass fraction | {_pct(s['bone_mass_fraction'])} | "
+                  f"bone area fraction {s['chance']['bone_area_fraction']:.3f} |",
                   f"| IoU bone | {_pct(s['iou_bone'])} | anatomy-blind region {s['chance']['iou_bone']:.3f} |",
                   f"| AUC original | {_pct(s['auc_original'])} | 0.5 |",
                   f"| AUC bone inpainted | {_pct(s['auc_bone_perturbed'])} | 0.5 |",

@@ -50,7 +50,8 @@ def choose_run(run_dir: Path, pick: str | None) -> Path:
     if (run_dir / "bundle" / "bundle.json").is_file() and pick is None:
         return run_dir
     if not (run_dir / SWEEP_FILE).is_file():
-        raise ValueError(f"--run {run_dir} is neither a run folder (bundle/bundle.json) nor a sweep folder ({SWEEP_FILE})")
+        raise ValueError(f"--run {run_dir} is neither a run folder (bundle/bundle.json) "
+                         f"nor a sweep folder ({SWEEP_FILE})")
     names = json.loads((run_dir / SWEEP_FILE).read_text(encoding="utf-8"))["runs"]
     if pick is not None:
         if pick not in names:
@@ -86,7 +87,8 @@ def model_card(manifest: dict[str, Any], run_name: str, metrics: dict[str, Any] 
              "## Intended use", "", str(manifest["intended_use"]), "",
              "## Model", "",
              f"- Run: {run_name}; backbone family {spec['family']}, adaptation {spec['method']}",
-             f"- Input: {spec['input_size']} px letterboxed frontal chest radiograph, mean {spec['mean']}, std {spec['std']}",
+             f"- Input: {spec['input_size']} px letterboxed frontal chest radiograph, "
+             f"mean {spec['mean']}, std {spec['std']}",
              f"- Temperature (softmax(logits / T), fitted on validation): {manifest.get('temperature', 1.0)}", "",
              "## Thresholds", ""]
     for key, value in manifest["thresholds"].items():

@@ -761,7 +761,8 @@ def build_dataset(spec: PhantomSpec, rendering: Rendering, spacing_mm: float) ->
     ds.PositionerType = "NONE"
     ds.ViewPosition = "PA" if spec.view == "PA" else "LL"  # DICOM's left lateral
     ds.ViewCodeSequence = Sequence(
-        [_code("399348003", "SCT", "postero-anterior") if spec.view == "PA" else _code("399352003", "SCT", "left lateral")]
+        [_code("399348003", "SCT", "postero-anterior") if spec.view == "PA"
+         else _code("399352003", "SCT", "left lateral")]
     )
     ds.AnatomicRegionSequence = Sequence([_code("51185008", "SCT", "Chest")])
     ds.AcquisitionContextSequence = Sequence([])

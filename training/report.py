@@ -190,7 +190,8 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "| model | threshold | sensitivity | specificity | PPV | NPV |", "|---|---:|---|---|---|---|"]
         for m in models:
             lines.append(f"| {m['name']} | {m['thresholds'].get(target_name, float('nan')):.3f} | "
-                         + " | ".join(_ci(m[f'{target_name}_{k}']) for k in ("sensitivity", "specificity", "ppv", "npv"))
+                         + " | ".join(_ci(m[f'{target_name}_{k}'])
+                                      for k in ("sensitivity", "specificity", "ppv", "npv"))
                          + " |")
     for target_name in ("low_bmd", "osteoporosis"):
         table = results["delong"][target_name]
