@@ -110,7 +110,10 @@ def test_perturb_off_bone_region_is_clear_of_bone(cohort: Path) -> None:
         bone = evaluate.bone_mask(case, shape, evaluate.DEFAULT_MASK_DILATION)
         region, bone_pixels = evaluate.perturbation_region(case, shape, "off-bone", np.random.default_rng(0))
         assert bone_pixels == int(bone.sum()) > 0
-        clear = distance_transform_edt(~bone) > OFF_BONE_MARGIN  # farther than the margin from grown bone
+        assert case.body_mask is not None  # phantoms write mask_body: the region stays on the patient
+        body = evaluate.read_mask(case.body_mask, shape)
+        # farther than the margin from grown bone, and on the body
+        clear = (distance_transform_edt(~bone) > OFF_BONE_MARGIN) & body
         assert region.any() and not (region & ~clear).any()
         # As large as the bone where the image has room, else all that is clear of it (chest phantoms:
         # the bone covers most of the image, so the region is smaller).
@@ -130,6 +133,7 @@ def test_evaluate_perturb_off_bone_changes_the_predictions(cohort: Path, referen
     result = json.loads(done.stdout)
     assert result["perturb_off_bone"] is True and result["perturb_bone"] is False
     assert result["off_bone_margin"] == 4 and result["mask_dilation"] == evaluate.DEFAULT_MASK_DILATION
+    assert result["off_bone_within_body"] is True
     area = result["off_bone_area_ratio"]
     assert 0.0 < area["min"] <= area["mean"] <= area["max"] <= 1.0
 

@@ -94,6 +94,22 @@ def test_off_bone_region_takes_everything_clear_of_bone_when_bone_covers_most_of
     assert 0 < region.sum() < bone.sum()
 
 
+def test_off_bone_region_stays_within_the_body() -> None:
+    _, bone = textured_image(256)
+    body = np.zeros_like(bone)
+    body[:, 40:216] = True  # air beside the patient on both sides
+    region = off_bone_region(bone, np.random.default_rng(0), within=body)
+    assert region.any() and not (region & ~body).any() and not (region & near_bone(bone, OFF_BONE_MARGIN)).any()
+    assert int(region.sum()) == int(bone.sum())
+    # No room left inside the body: all of the body that is clear of bone.
+    narrow = np.zeros_like(bone)
+    narrow[:, 120:136] = True
+    assert np.array_equal(off_bone_region(bone, np.random.default_rng(0), within=narrow),
+                          narrow & ~near_bone(bone, OFF_BONE_MARGIN))
+    with pytest.raises(ValueError, match="within"):
+        off_bone_region(bone, np.random.default_rng(0), within=body[:100])
+
+
 def test_off_bone_region_of_no_bone_and_bad_arguments() -> None:
     empty = np.zeros((32, 32), bool)
     assert not off_bone_region(empty, np.random.default_rng(0)).any()

@@ -52,11 +52,11 @@ def test_manifest_has_exact_columns_and_files(cohort: Path, rows: list[dict[str,
     with (cohort / "manifest.csv").open() as handle:
         header = handle.readline().strip().split(",")
     assert header == list(phantoms.MANIFEST_COLUMNS)
-    assert header[:14] == (
+    assert header[:15] == (
         "file,patient_id,t_score,class,age,sex,view,split,mask_ribs,mask_clavicles,"
-        "mask_spine,mask_scapulae,mask_humeri,mask_lungs"
+        "mask_spine,mask_scapulae,mask_humeri,mask_lungs,mask_body"
     ).split(",")
-    assert header[14] == "true_class"
+    assert header[15] == "true_class"
     assert len(rows) == 10
     for row in rows:
         assert (cohort / row["file"]).is_file()
@@ -180,6 +180,8 @@ def test_bone_masks_are_brighter_than_lungs(cohort: Path, rows: list[dict[str, s
         pixels = pydicom.dcmread(cohort / row["file"]).pixel_array.astype(np.float32)
         masks = {name: np.asarray(Image.open(cohort / row[f"mask_{name}"])) > 0 for name in phantoms.MASK_NAMES}
         assert masks["spine"].any() and masks["ribs"].any() and masks["lungs"].any()
+        for name in ("spine", "ribs", "lungs"):  # the patient's outline holds her anatomy
+            assert (masks[name] & masks["body"]).sum() >= 0.99 * masks[name].sum()
         assert pixels[masks["spine"]].mean() > pixels[masks["lungs"]].mean() + 100
         if float(row["t_score"]) <= -2.5:
             continue  # osteoporotic ribs are nearly transparent: alignment is measured on the others

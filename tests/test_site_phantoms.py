@@ -44,6 +44,8 @@ def test_manifest_is_the_default_chains_format_and_training_reads_it(site: Path)
         assert (site / row["file"]).is_file()
         mask = np.asarray(Image.open(site / row["mask_spine"]))
         assert mask.dtype == np.uint8 and mask.any()
+        body = np.asarray(Image.open(site / row["mask_body"])) > 0
+        assert (body & (mask > 0)).sum() >= 0.99 * (mask > 0).sum()  # the body holds the spine
     frontal = read_manifest(site / "manifest.csv")
     assert frontal and {r.split for r in frontal} <= {"train", "val", "test"}
     by_patient: dict[str, set[str]] = {}
@@ -85,8 +87,8 @@ def test_bone_effect_is_the_realistic_one() -> None:
     assert site_phantoms.bone_factors(-2.0) == pytest.approx((0.82, 0.68))
     specs, _ = site_phantoms.draw_cohort(30, 4, site_phantoms.SiteOptions(size=SIZE))
     spec = specs[0]
-    _, mineral_low, _ = site_phantoms.projections(dataclasses.replace(spec, t_true=-3.0))
-    _, mineral_high, _ = site_phantoms.projections(dataclasses.replace(spec, t_true=0.0))
+    _, mineral_low, _, _ = site_phantoms.projections(dataclasses.replace(spec, t_true=-3.0))
+    _, mineral_high, _, _ = site_phantoms.projections(dataclasses.replace(spec, t_true=0.0))
     ratio = mineral_low.sum() / mineral_high.sum()
     assert 0.55 < ratio < 0.75  # between the cortical (0.73) and trabecular (0.52) factors
 

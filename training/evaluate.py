@@ -15,8 +15,10 @@ that uses bone should fall to chance.
 mask, the same area as that mask where the image has room, else all of them; random blobs drawn
 from --seed when there is room). A model that reads bone should keep its AUC. In chest phantoms
 there is no room: the grown bone masks cover about two thirds of the image, so the off-bone region
-is all of the rest (soft tissue, intercostal spaces, air) and smaller; the output reports the
-ratio of its area to the bone's (off_bone_area_ratio).
+is all of the rest (soft tissue, intercostal spaces) and smaller; the output reports the ratio of
+its area to the bone's (off_bone_area_ratio). Where the manifest has a mask_body column (phantoms
+write one), the region stays inside the body: air beside the patient is not inpainted
+(off_bone_within_body in the output).
 
 Example::
 
@@ -54,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: Manifest mask columns whose union is "bone" for --perturb-bone (lungs are not bone).
 BONE_MASK_COLUMNS: tuple[str, ...] = ("mask_ribs", "mask_clavicles", "mask_spine", "mask_scapulae", "mask_humeri")
+#: Manifest mask column of the patient's outline (phantoms write it): the off-bone region stays inside.
+BODY_MASK_COLUMN = "mask_body"
 SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
 #: Bone mask dilation (pixels of the stored image) for --perturb-bone: takes the partial-volume rim
 #: of each bone, which the masks leave out, with the bone.
@@ -70,6 +74,7 @@ class Case:
     patient_id: str
     label: int  # index into CLASS_NAMES
     bone_masks: tuple[Path, ...]  # empty when the manifest has no mask columns
+    body_mask: Path | None = None  # mask_body: the patient, not the air beside her
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,16 +126,29 @@ def read_cases(manifest: Path, split: str, *, need_masks: bool) -> list[Case]:
     """Frontal rows of `manifest` in `split` ("all": every split) as Cases."""
     rows = read_manifest(manifest, frontal_only=True)
     masks: dict[str, tuple[Path, ...]] = {}
+    bodies: dict[str, Path] = {}
     with open(manifest, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         columns = [c for c in BONE_MASK_COLUMNS if c in (reader.fieldnames or [])]
         if need_masks and not columns:
             raise ValueError(f"manifest {manifest} has none of the bone mask columns {BONE_MASK_COLUMNS}")
         for rec in reader:
-            masks[str(manifest.parent / rec["file"])] = tuple(
-                manifest.parent / rec[c] for c in columns if (rec.get(c) or "").strip())
-    return [Case(path=r.path, patient_id=r.patient_id, label=r.label, bone_masks=masks.get(str(r.path), ()))
+            key = str(manifest.parent / rec["file"])
+            masks[key] = tuple(manifest.parent / rec[c] for c in columns if (rec.get(c) or "").strip())
+            if (rec.get(BODY_MASK_COLUMN) or "").strip():
+                bodies[key] = manifest.parent / rec[BODY_MASK_COLUMN]
+    return [Case(path=r.path, patient_id=r.patient_id, label=r.label, bone_masks=masks.get(str(r.path), ()),
+                 body_mask=bodies.get(str(r.path)))
             for r in rows if split == "all" or r.split == split]
+
+
+def read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A mask PNG (nonzero = in) at `shape` (nearest-neighbour resize)."""
+    with Image.open(path) as opened:
+        img = opened.convert("L")
+    if img.size != (shape[1], shape[0]):
+        img = img.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+    return np.asarray(img) > 0
 
 
 def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarray:
@@ -140,11 +158,7 @@ def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarr
                          "need them")
     union = np.zeros(shape, dtype=bool)
     for path in case.bone_masks:
-        with Image.open(path) as opened:
-            img = opened.convert("L")
-        if img.size != (shape[1], shape[0]):
-            img = img.resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-        union |= np.asarray(img) > 0
+        union |= read_mask(path, shape)
     if dilation > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilation + 1, 2 * dilation + 1))
         union = cv2.dilate(union.astype(np.uint8), kernel).astype(bool)
@@ -154,12 +168,14 @@ def bone_mask(case: Case, shape: tuple[int, int], dilation: int = 0) -> np.ndarr
 def perturbation_region(case: Case, shape: tuple[int, int], perturb: str, rng: np.random.Generator, *,
                         mask_dilation: int = DEFAULT_MASK_DILATION,
                         off_bone_margin: int = OFF_BONE_MARGIN) -> tuple[np.ndarray, int]:
-    """The pixels that `perturb` ("bone" or "off-bone") inpaints, and the grown bone mask's pixel count."""
+    """The pixels that `perturb` ("bone" or "off-bone") inpaints, and the grown bone mask's pixel
+    count. The off-bone region stays inside the case's body mask when the manifest has one."""
     bone = bone_mask(case, shape, mask_dilation)
     if perturb == "bone":
         return bone, int(bone.sum())
     if perturb == "off-bone":
-        return off_bone_region(bone, rng, off_bone_margin), int(bone.sum())
+        body = read_mask(case.body_mask, shape) if case.body_mask is not None else None
+        return off_bone_region(bone, rng, off_bone_margin, within=body), int(bone.sum())
     raise ValueError(f"perturb must be one of {PERTURBATIONS}, got {perturb!r}")
 
 
@@ -266,7 +282,8 @@ def format_table(result: dict[str, Any]) -> str:
     if "off_bone_area_ratio" in result:
         area = result["off_bone_area_ratio"]
         head.insert(2, f"off-bone region / grown bone area: mean {area['mean']:.3f} "
-                       f"(min {area['min']:.3f}, max {area['max']:.3f}), margin {result['off_bone_margin']} px")
+                       f"(min {area['min']:.3f}, max {area['max']:.3f}), margin {result['off_bone_margin']} px"
+                       f"{', inside the body' if result.get('off_bone_within_body') else ''}")
     lines = [row("macro one-vs-rest AUC", result["macro_auc"]),
              *(row(f"AUC {name} vs rest", m) for name, m in result["per_class_auc"].items()),
              row("low-BMD AUC", result["low_bmd_auc"]),
@@ -325,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "perturb_bone": args.perturb_bone, "perturb_off_bone": args.perturb_off_bone,
               **({"mask_dilation": args.mask_dilation} if perturb else {}),
               **({"off_bone_margin": args.off_bone_margin,
+                  "off_bone_within_body": all(c.body_mask is not None for c in cases),
                   "off_bone_area_ratio": area_summary(predictions.area_ratios)} if args.perturb_off_bone else {}),
               **result}
 

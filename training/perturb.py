@@ -83,9 +83,11 @@ def inpaint_bone(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) 
 OFF_BONE_MARGIN = 4
 
 
-def off_bone_region(bone: np.ndarray, rng: np.random.Generator, margin: int = OFF_BONE_MARGIN) -> np.ndarray:
-    """A control region for `bone` (a 2-D mask): pixels more than `margin` pixels from any bone pixel,
-    as many as `bone` has where the image has room for that, else every such pixel.
+def off_bone_region(bone: np.ndarray, rng: np.random.Generator, margin: int = OFF_BONE_MARGIN, *,
+                    within: np.ndarray | None = None) -> np.ndarray:
+    """A control region for `bone` (a 2-D mask): pixels more than `margin` pixels from any bone pixel
+    (and inside `within`, e.g. the body, when given), as many as `bone` has where the image has room
+    for that, else every such pixel.
 
     With room to spare, the region is random blobs of about the bone's own width (a Gaussian random
     field from `rng`, smoothed over twice the mean distance to the bone's edge, whose highest values
@@ -99,12 +101,16 @@ def off_bone_region(bone: np.ndarray, rng: np.random.Generator, margin: int = OF
     if margin < 0:
         raise ValueError(f"off_bone_region: margin must be >= 0, got {margin}")
     bone = np.asarray(bone, dtype=bool)
+    if within is not None and within.shape != bone.shape:
+        raise ValueError(f"off_bone_region: within has shape {within.shape}, bone {bone.shape}")
     area = int(bone.sum())
     if area == 0:
         return np.zeros_like(bone)
     # Distance of each pixel to the nearest bone pixel (L2, exact 5x5 mask).
     distance = cv2.distanceTransform((~bone).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     allowed = distance > margin
+    if within is not None:
+        allowed &= np.asarray(within, dtype=bool)
     n_allowed = int(allowed.sum())
     if n_allowed <= area:
         return allowed

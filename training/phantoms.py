@@ -53,8 +53,10 @@ DATA_FILE = Path(__file__).resolve().parent / "data" / "chest_ct" / "chest_ct.np
 GROUP_IDS: dict[str, int] = {
     "ribs": 1, "clavicles": 2, "spine": 3, "scapulae": 4, "humeri": 5, "sternum": 6, "lungs": 7,
 }
-#: Structures written as PNG masks, in manifest column order.
-MASK_NAMES: tuple[str, ...] = ("ribs", "clavicles", "spine", "scapulae", "humeri", "lungs")
+#: Structures written as PNG masks, in manifest column order; "body" is every pixel whose ray
+#: crosses at least BODY_CHORD_MM of tissue (the patient, not the air beside her).
+MASK_NAMES: tuple[str, ...] = ("ribs", "clavicles", "spine", "scapulae", "humeri", "lungs", "body")
+BODY_CHORD_MM = 5.0
 #: Groups whose mineral follows the T-score.
 BONE_GROUPS: tuple[str, ...] = ("ribs", "clavicles", "spine", "scapulae", "humeri", "sternum")
 MANIFEST_COLUMNS: tuple[str, ...] = (
@@ -687,12 +689,19 @@ def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) 
 
     width = (spec.dn_high - spec.dn_low) * spec.window_jitter[1]
     centre = (spec.dn_high + spec.dn_low) / 2 + spec.window_jitter[0] * width
-    masks = {}
-    for name, gid in GROUP_IDS.items():  # linear interpolation + threshold: smooth outlines
-        member = ((bits.T >> (gid - 1)) & 1).astype(np.float32)
-        warped = cv2.remap(member, map_u, map_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        masks[name] = warped >= 0.5
+    masks = projected_masks(bits, anatomy.body > BODY_CHORD_MM, map_u, map_v)
     return Rendering(pixels, masks, round(float(centre), 1), round(float(width), 1))
+
+
+def projected_masks(bits: np.ndarray, body: np.ndarray, map_u: np.ndarray, map_v: np.ndarray) -> dict[str, np.ndarray]:
+    """Each group's mask and the body's on the detector: the (u, v) projections `bits` and
+    `body` (bool: the ray crosses the patient) warped by the detector maps, linear interpolation
+    + threshold for smooth outlines."""
+    layers = {name: ((bits.T >> (gid - 1)) & 1).astype(np.float32) for name, gid in GROUP_IDS.items()}
+    layers["body"] = body.T.astype(np.float32)
+    return {name: cv2.remap(layer, map_u, map_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                            borderValue=0) >= 0.5
+            for name, layer in layers.items()}
 
 
 # --------------------------------------------------------------------------- DICOM

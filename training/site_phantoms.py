@@ -59,12 +59,14 @@ from osteo_node.records import category_from_t_score
 from osteo_node.uids import derived_uid
 
 from .phantoms import (
+    BODY_CHORD_MM,
     DX_FOR_PRESENTATION,
-    GROUP_IDS,
     MASK_NAMES,
+    MU_WATER,
     SPLITS,
     Anatomy,
     load_anatomy,
+    projected_masks,
     write_cohort,
 )
 
@@ -327,7 +329,7 @@ def cone_project(planes: np.ndarray, spec: SiteSpec, step_mm: float, du_mm: floa
 def _body_paths(spec: SiteSpec, anatomy: Anatomy) -> np.ndarray:
     """Water-equivalent path (mm) of the fat shell and the breasts on the projection grid (u, v)."""
     nu, nv = anatomy.body.shape
-    covered = anatomy.body > 5.0
+    covered = anatomy.body > BODY_CHORD_MM
     u = np.arange(nu, dtype=np.float32)
     path = np.zeros((nu, nv), np.float32)
     for k in range(nv):
@@ -353,8 +355,9 @@ def _body_paths(spec: SiteSpec, anatomy: Anatomy) -> np.ndarray:
     return path
 
 
-def projections(spec: SiteSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(soft path in 1/mm-at-60-keV units, bone mineral path, bits) on the grid (u, v)."""
+def projections(spec: SiteSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(soft path in 1/mm-at-60-keV units, bone mineral path, bits, body) on the grid (u, v); body
+    is where the ray crosses more than BODY_CHORD_MM of water-equivalent tissue."""
     anatomy = load_anatomy("LATERAL" if spec.view == "LATERAL" else "PA")
     args = (spec, anatomy.step_mm, anatomy.du_mm, anatomy.dv_mm)
     soft = cone_project(anatomy.soft, *args)
@@ -363,7 +366,7 @@ def projections(spec: SiteSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     bits = cone_project(anatomy.bits, *args, nearest=True)
     f_cortical, f_trabecular = bone_factors(spec.t_true)
     soft_total = spec.soft_density * soft + 0.02 * _body_paths(spec, anatomy)
-    return soft_total, f_cortical * cortical + f_trabecular * trabecular, bits
+    return soft_total, f_cortical * cortical + f_trabecular * trabecular, bits, soft > BODY_CHORD_MM * MU_WATER
 
 
 # --------------------------------------------------------------------------- detector
@@ -419,7 +422,7 @@ def _pyramid_enhance(image: np.ndarray, gain: float, levels: int = 4) -> np.ndar
 def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
     """Render one site image: cone-beam polychromatic projection, room detector and processing."""
     anatomy = load_anatomy("LATERAL" if spec.view == "LATERAL" else "PA")
-    soft, mineral, bits = projections(spec)
+    soft, mineral, bits, body = projections(spec)
     nu, nv = soft.shape
     field_rows, field_cols = spec.field_mm
     rows, cols = size, round(size * field_cols / field_rows)
@@ -491,11 +494,7 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
         sharpened += rng.standard_normal(sharpened.shape).astype(np.float32) * 0.002
         pixels = np.clip(np.rint(sharpened * 16383), 0, 16383).astype(np.uint16)
     top_value = (1 << bits_stored) - 1
-    masks = {}
-    for name, gid in GROUP_IDS.items():
-        member = ((bits.T >> (gid - 1)) & 1).astype(np.float32)
-        warped = cv2.remap(member, map_u, map_v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        masks[name] = (warped >= 0.5) & field
+    masks = {name: mask & field for name, mask in projected_masks(bits, body, map_u, map_v).items()}
     centre = top_value / 2 * (1 + 0.1 * spec.lut_shift)
     return SiteRendering(pixels, masks, bits_stored, photometric, round(centre, 1), float(top_value))
 
