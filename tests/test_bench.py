@@ -89,7 +89,8 @@ def test_bench_reports_every_figure(tiny_bundle: str) -> None:
         assert case["library_images_per_s"] > 0 and case["processes"] == 1
         assert case["ratio_to_library"] == case["node_images_per_s"] / case["library_images_per_s"]
     assert set(report["pipeline"]["stages"]) >= {"decode", "preprocess", "model", "sr", "sc", "send"}
-    assert report["pipeline"]["ratio_to_floor"] > 1.0  # the pipeline does more than the bare pass
+    pipeline = report["pipeline"]  # figures only: which of two timings is larger is the machine's say
+    assert pipeline["ratio_to_floor"] == pipeline["stages"]["screen_total"]["median"] / pipeline["floor_s"]
     assert report["pipeline"]["end_to_end_p95_s"] > 0
     assert report["pipeline"]["end_to_end"]["n"] == TINY_COUNTS.end_to_end
     assert report["throughput"]["images_per_s"] > 0 and report["throughput"]["batch_size"] == 1
