@@ -102,6 +102,11 @@ class NodeSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
 
+    @property
+    def store_dir(self) -> Path:
+        """The file store's root: received images and the results made from them."""
+        return self.data_dir / "store"
+
 
 class DicomSettings(_Section):
     ae_title: AETitle = "OSTEO_NODE"

@@ -70,7 +70,7 @@ def open_runtime(settings: Settings, *, create_schema: bool = True) -> Runtime:
         except BaseException:
             engine.dispose()
             raise
-    store = FileStore(settings.node.data_dir / "store")
+    store = FileStore(settings.node.store_dir)
     return Runtime(settings, engine, Queue(engine), store)
 
 

@@ -206,7 +206,7 @@ def _stored_path(config: Path, database_url: str, instance_id: int) -> Path:
         _, relative = stored_file(engine, instance_id)
     finally:
         engine.dispose()
-    return load_settings(config).node.data_dir / "store" / relative
+    return load_settings(config).node.store_dir / relative
 
 
 def test_results_wait_for_a_pacs_that_is_down(stack: tuple[Orthanc, Path], database_url: str) -> None:

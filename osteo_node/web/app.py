@@ -102,7 +102,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     ctx = WebContext(
         settings=settings, engine=engine, sessions=Sessions(secret, web.session_minutes),
         login_tokens=URLSafeTimedSerializer(secret, salt="osteo-node-login"),
-        store=FileStore(settings.node.data_dir / "store"), templates=make_templates(),
+        store=FileStore(settings.node.store_dir), templates=make_templates(),
         throttle=throttle or LoginThrottle())
 
     app = FastAPI(title="osteo-node referrals", docs_url=None, redoc_url=None, openapi_url=None)
