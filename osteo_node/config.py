@@ -115,9 +115,9 @@ class DicomSettings(_Section):
     allowed_calling_aes: tuple[AETitle, ...] = ()
     require_called_ae: bool = True
     max_associations: int = Field(default=10, ge=1, le=1000)
-    #: Receiver processes listening on the one port (SO_REUSEPORT, Linux): the kernel spreads the
-    #: associations across them, so that several associations use several cores. Each process
-    #: takes up to max_associations.
+    #: Receiver processes: the node's process accepts every connection on the port and hands it
+    #: to the process with the fewest open associations (itself included), so that several
+    #: associations use several cores. Each process takes up to max_associations.
     processes: int = Field(default=1, ge=1, le=64)
     max_pdu_size: int = Field(default=0, ge=0)
     max_instance_mb: int = Field(default=200, ge=1)

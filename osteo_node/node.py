@@ -12,11 +12,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import send_handle
 from types import FrameType
 from typing import TYPE_CHECKING, cast
 
@@ -29,7 +31,7 @@ from .db import make_engine
 from .housekeeping import start_scheduler
 from .observe import MODEL, RECEIVED, setup_logging, start_http
 from .queue import Queue
-from .receive import ReceiveLimits, start_receiver
+from .receive import OpenAssociations, ReceiveLimits, serve_handed, start_receiver
 from .store import FileStore
 
 if TYPE_CHECKING:
@@ -141,19 +143,20 @@ def _received_totals() -> dict[str, float]:
             if sample.name == "osteo_received_total"}
 
 
-def _receiver_process(settings: Settings, parent: Connection) -> None:
-    """One further receiver process (`dicom.processes` > 1), run by `ReceiverProcesses`: the
-    receiver on the shared port until SIGTERM or until the parent is gone. Sends "listening" once
-    its socket is bound, then its C-STORE outcome totals every second and on exit, which the
-    parent adds to its own osteo_received_total (one metrics endpoint for all of them)."""
+def _receiver_process(settings: Settings, parent: Connection, counts: OpenAssociations, index: int) -> None:
+    """One further receiver process (`dicom.processes` > 1), run by `ReceiverProcesses`: it serves
+    the connections that the node's process hands it over `parent` until SIGTERM or until the
+    parent is gone. Sends "ready" once it can serve, then its C-STORE outcome totals every second
+    and on exit, which the parent adds to its own osteo_received_total (one metrics endpoint for
+    all of them)."""
     setup_logging(settings)
     parent_pid = os.getppid()
     with stop_on_signals() as stop:
         runtime = open_runtime(settings, create_schema=False)
-        server = start_receiver(settings.dicom, runtime.queue, runtime.store, settings.eligibility,
-                                receive_limits(settings))
+        server = serve_handed(settings.dicom, runtime.queue, runtime.store, settings.eligibility,
+                              receive_limits(settings), parent, counts, index)
         try:
-            parent.send("listening")
+            parent.send("ready")
             while not stop.wait(1.0) and os.getppid() == parent_pid:
                 parent.send(_received_totals())
         finally:
@@ -163,52 +166,88 @@ def _receiver_process(settings: Settings, parent: Connection) -> None:
             runtime.engine.dispose()
 
 
+@dataclass
+class _Child:
+    process: BaseProcess
+    index: int  # its slot in OpenAssociations
+
+
 class ReceiverProcesses:
-    """The receiver's further processes on the shared port (`dicom.processes` - 1; the node's
-    own process is the first). Started before `start` returns, each one listening; one that dies
-    is logged and started again; stopped with SIGTERM, each finishing its associations.
+    """The receiver's further processes (`dicom.processes` - 1; the node's own process is the
+    first). The node's process alone listens on the port; it hands each connection it accepts to
+    the process with the fewest open associations (`take`, itself included), so that
+    associations spread evenly over the processes and each process has as few as can be: in one
+    process, associations share one core under the GIL, and their polling threads make each
+    other slower (docs/performance.md). Started before `start` returns, each one ready; one that
+    dies is logged and started again, and connections go to the others meanwhile; stopped with
+    SIGTERM, each finishing its associations.
 
     Processes, not threads: the receiver is CPU-bound Python (pynetdicom's PDU handling, the
-    header read, SQLAlchemy), so in one process several associations share one core under the GIL
-    (docs/performance.md)."""
+    header read, SQLAlchemy)."""
 
     def __init__(self, settings: Settings, count: int) -> None:
         self.settings = settings
+        self.counts = OpenAssociations(count + 1)
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded process
-        self._children: dict[Connection, BaseProcess] = {}
+        self._children: dict[Connection, _Child] = {}
         self._reported: dict[int, dict[str, float]] = {}  # pid -> C-STORE outcome totals
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._turn = 0  # where the search for the least busy process starts (ties take turns)
         self._reader: threading.Thread | None = None
         try:
-            for _ in range(count):
-                self._start_one()
+            for index in range(1, count + 1):
+                self._start_one(index)
         except BaseException:
             self.stop()
             raise
         self._reader = threading.Thread(target=self._read, name="receiver-processes", daemon=True)
         self._reader.start()
 
-    def _start_one(self) -> None:
-        ours, theirs = self._context.Pipe(duplex=False)
-        process = self._context.Process(target=_receiver_process, args=(self.settings, theirs),
+    def _start_one(self, index: int) -> None:
+        ours, theirs = self._context.Pipe()  # a socket pair: it carries socket handles to the child
+        process = self._context.Process(target=_receiver_process, args=(self.settings, theirs, self.counts, index),
                                         name="osteo-node-receiver", daemon=True)
         process.start()
         theirs.close()
         try:
-            listening = ours.poll(60) and ours.recv() == "listening"
-        except EOFError:  # it exited before binding (its log says why)
-            listening = False
-        if not listening:
+            ready = ours.poll(60) and ours.recv() == "ready"
+        except EOFError:  # it exited before it was ready (its log says why)
+            ready = False
+        if not ready:
             process.terminate()
-            raise RuntimeError(f"receiver process {process.pid} did not start listening "
+            raise RuntimeError(f"receiver process {process.pid} did not start "
                                f"(exit code {process.exitcode}); see its log lines above")
-        log.info("receiver process %d listening", process.pid)
+        log.info("receiver process %d ready", process.pid)
         with self._lock:
-            self._children[ours] = process
+            self._children[ours] = _Child(process, index)
             self._reported[cast(int, process.pid)] = {}
         if self._stopping.is_set():  # started again while the node was stopping
             process.terminate()
+
+    def take(self, connection: socket.socket) -> bool:
+        """Hand an accepted connection to the process with the fewest open associations; False
+        when that is the node's own process (the caller serves it). A child that cannot take it
+        (it has just died; `_read` starts another) is passed over."""
+        gone: set[Connection] = set()
+        while True:
+            with self._lock:
+                slots = [(0, None)] + [(c.index, pipe) for pipe, c in self._children.items() if pipe not in gone]
+                self._turn = (self._turn + 1) % len(slots)
+                index, pipe = min(slots[self._turn:] + slots[:self._turn], key=lambda s: self.counts.open(s[0]))
+                self.counts.handed[index] += 1
+            if pipe is None:
+                return False
+            try:
+                send_handle(pipe, connection.fileno(), 0)
+            except OSError:
+                with self._lock:
+                    if pipe in self._children:  # else _restart has reset its counts already
+                        self.counts.handed[index] -= 1
+                gone.add(pipe)
+                continue
+            connection.close()  # the child has its own copy
+            return True
 
     def _read(self) -> None:
         """Add the children's C-STORE counts to this process's counter; restart a dead child."""
@@ -217,20 +256,25 @@ class ReceiverProcesses:
                 connections = list(self._children)
             for connection in wait(connections, timeout=0.5):
                 conn = cast(Connection, connection)
-                process = self._children[conn]
+                child = self._children[conn]
                 try:
-                    self._count(conn, cast(int, process.pid))
+                    self._count(conn, cast(int, child.process.pid))
                 except (EOFError, OSError):  # the child exited
-                    with self._lock:
-                        del self._children[conn]
-                    process.join()
-                    if not self._stopping.is_set():
-                        log.error("receiver process %d exited with code %s; starting another",
-                                  process.pid, process.exitcode)
-                        try:
-                            self._start_one()
-                        except RuntimeError as exc:  # the health check reports it missing
-                            log.error("%s", exc)
+                    self._restart(conn, child)
+
+    def _restart(self, connection: Connection, child: _Child) -> None:
+        with self._lock:
+            del self._children[connection]
+            self.counts.reset(child.index)  # its associations are gone with it
+        child.process.join()
+        connection.close()
+        if not self._stopping.is_set():
+            log.error("receiver process %d exited with code %s; starting another",
+                      child.process.pid, child.process.exitcode)
+            try:
+                self._start_one(child.index)
+            except RuntimeError as exc:  # the health check reports it missing
+                log.error("%s", exc)
 
     def _count(self, connection: Connection, pid: int) -> None:
         seen = self._reported[pid]
@@ -247,7 +291,7 @@ class ReceiverProcesses:
     def check(self) -> None:
         """Health check: raise unless every process is alive."""
         with self._lock:
-            dead = [p.pid for p in self._children.values() if not p.is_alive()]
+            dead = [c.process.pid for c in self._children.values() if not c.process.is_alive()]
         if dead or len(self._children) < self.settings.dicom.processes - 1:
             raise OSError(f"receiver processes not running: {dead}")
 
@@ -259,9 +303,10 @@ class ReceiverProcesses:
         with self._lock:
             children = list(self._children.items())
             self._children.clear()
-        for _, process in children:
-            process.terminate()
-        for connection, process in children:
+        for _, child in children:
+            child.process.terminate()
+        for connection, child in children:
+            process = child.process
             process.join(timeout=self.settings.dicom.network_timeout_s + 10)
             if process.is_alive():
                 log.error("receiver process %d did not stop; killing it", process.pid)
@@ -346,12 +391,13 @@ class Node:
                                      settings.validation.match_window_days).start()
                 checks["hl7"] = self._hl7.check
             if self.receive:
-                server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
-                                                      settings.eligibility, receive_limits(settings))
-                checks["receiver"] = lambda: _listening(server)
                 if settings.dicom.processes > 1:
                     receivers = self.receivers = ReceiverProcesses(settings, settings.dicom.processes - 1)
                     checks["receiver processes"] = receivers.check
+                server = self.server = start_receiver(settings.dicom, runtime.queue, runtime.store,
+                                                      settings.eligibility, receive_limits(settings),
+                                                      hand_off=self.receivers)
+                checks["receiver"] = lambda: _listening(server)
             port = settings.metrics.port if self.work else settings.metrics.receiver_port
             if port:
                 try:

@@ -17,14 +17,18 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import multiprocessing
 import os
 import socket
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -293,16 +297,99 @@ def _audit_association(event: evt.Event, queue: Queue) -> None:
         log.error("audit of an association failed: %s", type(exc).__name__)
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with SO_REUSEPORT: one of `dicom.processes` receiver
-    processes listening on the one port, among which the kernel spreads new connections (an
-    association stays with the process that accepted it). Every socket of the group must set it;
-    a node with one process never does, so that a second node started by mistake on the same
-    port fails to bind instead of taking half the associations."""
+class OpenAssociations:
+    """How many associations each receiver process has open (`dicom.processes` > 1), in memory
+    shared by the processes; slot 0 is the node's own process, which accepts every connection and
+    hands it to the process with the fewest (`ReceiverProcesses.take`).
+
+    `handed[i]` is written by the node's process only and `closed[i]` by process i only (its
+    EVT_CONN_CLOSE), so that no slot has writers in two processes. A connection that fails before
+    its association starts (a TLS handshake) is counted closed where it fails."""
+
+    def __init__(self, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.handed = context.RawArray("q", processes)
+        self.closed = context.RawArray("q", processes)
+
+    def open(self, index: int) -> int:
+        return cast(int, self.handed[index] - self.closed[index])
+
+    def reset(self, index: int) -> None:
+        """Process `index` is gone with its associations (the node's process, before it starts
+        another in its place)."""
+        self.handed[index] = self.closed[index] = 0
+
+    def counter(self, index: int) -> Callable[[Any], None]:
+        """For process `index`: count one of its connections closed (EVT_CONN_CLOSE handler)."""
+        lock = threading.Lock()  # the process's association threads close connections at once
+
+        def closed(_event: Any) -> None:
+            with lock:
+                self.closed[index] += 1
+
+        return closed
+
+
+class HandOff(Protocol):
+    """Where the node's process sends the connections it accepts (`ReceiverProcesses`)."""
+
+    counts: OpenAssociations
+
+    def take(self, connection: socket.socket) -> bool:
+        """Hand `connection` to the process with the fewest open associations; False when that is
+        the node's own process, which then serves it."""
+        ...
+
+
+def _start_tls(server: ThreadedAssociationServer, connection: socket.socket,
+               closed: Callable[[Any], None]) -> socket.socket | None:
+    """The connection ready for its association: TLS handshake done when the receiver has TLS
+    (as pynetdicom's own accept does); None when the handshake fails (the connection is closed
+    and counted closed)."""
+    if server.ssl_context is None:
+        return connection
+    try:
+        return server.ssl_context.wrap_socket(connection, server_side=True)
+    except OSError as exc:  # ssl.SSLError included
+        log.warning("TLS handshake failed: %s", type(exc).__name__)
+        connection.close()
+        closed(None)
+        return None
+
+
+class _HandingServer(ThreadedAssociationServer):
+    """The node's listening server when the receiver has further processes: every accepted
+    connection goes to `hand_off`, and those that stay here are served as pynetdicom serves them.
+    TLS is set up by the process that serves a connection."""
+
+    hand_off: HandOff
+    closed: Callable[[Any], None]
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return cast(socket.socket, self.socket).accept()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.hand_off.take(request):
+            return
+        connection = _start_tls(self, request, self.closed)
+        if connection is not None:
+            super().process_request(connection, client_address)
+
+
+class _HandedServer(ThreadedAssociationServer):
+    """A further receiver process's server: it listens on nothing and serves the connections the
+    node's process hands it (`serve_handed`)."""
 
     def server_bind(self) -> None:
-        cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        """Serve nothing more; connections in progress finish first (their threads are joined)."""
+        self.server_close()
+        self.ae._servers.remove(self)
 
 
 def build_ae(settings: DicomSettings) -> AE:
@@ -343,10 +430,11 @@ def _check_temp_folder(store: FileStore) -> None:
     log.info("received data sets are streamed to %s and renamed into the store", folder)
 
 
-def start_receiver(
-    settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules, limits: ReceiveLimits
-) -> ThreadedAssociationServer:
-    """Start listening in background threads; call `.shutdown()` on the result to stop."""
+def _server(settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules,
+            limits: ReceiveLimits, server_class: type[ThreadedAssociationServer],
+            closed: Callable[[Any], None] | None) -> ThreadedAssociationServer:
+    """The receiver's pynetdicom server of `server_class`; `closed` counts its connections closed
+    (several receiver processes)."""
     # Process-wide pynetdicom settings (measurements in docs/performance.md):
     # - received C-STORE data sets go to a temporary file as they arrive (in
     #   tempfile.gettempdir(); on the store's filesystem they are renamed in, not copied). With
@@ -366,15 +454,64 @@ def start_receiver(
         (evt.EVT_ACCEPTED, _audit_association, [queue]),
         (evt.EVT_REJECTED, _audit_association, [queue]),
     ]
+    if closed is not None:
+        handlers.append((evt.EVT_CONN_CLOSE, closed))
     if hasattr(os, "posix_fadvise"):  # not on macOS: there the fsync writes the whole file
         handlers.append((evt.EVT_PDU_RECV, _WriteBack()))
     ssl_context = server_context(settings.tls) if settings.tls is not None else None
     server = cast(ThreadedAssociationServer, ae.make_server(
         (settings.bind_address, settings.port), evt_handlers=handlers, ssl_context=ssl_context,
-        server_class=_SharedPortServer if settings.processes > 1 else ThreadedAssociationServer,
+        server_class=server_class,
     ))
     ae._servers.append(server)  # as AE.start_server(block=False) does: server.shutdown() removes it
+    return server
+
+
+def start_receiver(
+    settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules, limits: ReceiveLimits,
+    hand_off: HandOff | None = None,
+) -> ThreadedAssociationServer:
+    """Start listening in background threads; call `.shutdown()` on the result to stop. With
+    `hand_off` (further receiver processes), each connection goes to the process with the fewest
+    open associations, this one included."""
+    if hand_off is None:
+        server = _server(settings, queue, store, rules, limits, ThreadedAssociationServer, None)
+    else:
+        closed = hand_off.counts.counter(0)
+        server = _server(settings, queue, store, rules, limits, _HandingServer, closed)
+        handing = cast(_HandingServer, server)
+        handing.hand_off, handing.closed = hand_off, closed
     threading.Thread(target=server.serve_forever, name="receiver", daemon=True).start()
     log.info("receiver listening as %s on %s:%d%s", settings.ae_title, settings.bind_address,
-             settings.port, " (TLS)" if ssl_context else "")
+             settings.port, " (TLS)" if server.ssl_context else "")
+    return server
+
+
+def serve_handed(
+    settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules, limits: ReceiveLimits,
+    source: Connection, counts: OpenAssociations, index: int,
+) -> ThreadedAssociationServer:
+    """A further receiver process (`index` >= 1): serve the connections that the node's process
+    sends over `source` (socket handles), in background threads, until `source` closes; call
+    `.shutdown()` on the result to stop."""
+    closed = counts.counter(index)
+    server = _server(settings, queue, store, rules, limits, _HandedServer, closed)
+
+    def receive() -> None:
+        while True:
+            try:
+                connection = socket.socket(fileno=recv_handle(source))
+            except (EOFError, OSError):  # the node's process closed its end, or is gone
+                return
+            try:
+                address = connection.getpeername()
+            except OSError:  # the peer is gone already
+                connection.close()
+                closed(None)
+                continue
+            ready = _start_tls(server, connection, closed)
+            if ready is not None:
+                server.process_request(ready, address)
+
+    threading.Thread(target=receive, name="receiver", daemon=True).start()
     return server

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_file
+from pynetdicom import AE
+from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation  # type: ignore[attr-defined]
 
 from osteo_node import migrate
 from osteo_node.config import DicomSettings, TlsSettings, parse_settings
 from osteo_node.db import make_engine
 from osteo_node.eligibility import EligibilityRules
 from osteo_node.errors import ConfigError, SendError
-from osteo_node.queue import Queue
+from osteo_node.node import Node
+from osteo_node.queue import INFER, Queue
 from osteo_node.receive import ReceiveLimits, start_receiver
 from osteo_node.send import echo, send_files
 from osteo_node.store import FileStore
 
 from conftest import free_port, require_tool
-from dicom_tools import storescu
+from dicom_tools import storescu, synthetic_dx
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +113,45 @@ def test_tls_config_errors_name_the_key(pki: Path) -> None:
         parse_settings({"dicom": {"tls": {"cert": "missing.crt", "key": "server.key"}}}, pki)
     with pytest.raises(ConfigError, match="tls.cert and tls.key must be given together"):
         parse_settings({"dicom": {"tls": {"cert": "server.crt"}}}, pki)
+
+
+def test_receiver_processes_each_do_their_own_tls(pki: Path, tmp_path: Path) -> None:
+    """`dicom.processes = 2` with TLS: the node's process hands each connection over before the
+    handshake, and the process that serves it does the handshake. Four TLS associations open at
+    once are two in each process and all store; plain TCP (DCMTK storescu) is refused; every
+    connection, the refused ones too, is counted closed again."""
+    raw = {"node": {"data_dir": str(tmp_path / "var")}, "metrics": {"port": 0, "receiver_port": 0},
+           "storage": {"min_free_disk_mb": 0},
+           "dicom": {"port": free_port(), "processes": 2,
+                     "tls": {"cert": "server.crt", "key": "server.key", "ca": "ca.crt"}}}
+    config = parse_settings(raw, pki)
+    files = [synthetic_dx(tmp_path / f"dx-{i}.dcm", sex="F", size=64, seed=i) for i in range(4)]
+    client = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    client.check_hostname = False  # the server certificate names 127.0.0.1 as an IP SAN
+    client.load_cert_chain(pki / "client.crt", pki / "client.key")
+    ae = AE(ae_title="TEST_SCU")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+    ae.acse_timeout = ae.network_timeout = 10
+    with Node(config, receive=True, work=False) as node:
+        receivers = node.receivers
+        assert receivers is not None
+
+        def open_counts() -> list[int]:
+            return [receivers.counts.open(index) for index in (0, 1)]
+
+        associations = [ae.associate("127.0.0.1", config.dicom.port, ae_title="OSTEO_NODE",
+                                     tls_args=(client, None)) for _ in files]
+        assert all(assoc.is_established for assoc in associations)
+        assert open_counts() == [2, 2]
+        for assoc, path in zip(associations, files, strict=True):
+            assert assoc.send_c_store(dcmread(path)).Status == 0x0000
+            assoc.release()
+        assert storescu(config.dicom.port, files[0]) != ["Success"]  # plain TCP
+        assert storescu(config.dicom.port, files[1]) != ["Success"]
+        deadline = time.monotonic() + 30
+        while open_counts() != [0, 0]:
+            assert time.monotonic() < deadline, "connections not counted closed"
+            time.sleep(0.05)
+        assert sum(receivers.counts.handed[index] for index in (0, 1)) == 6
+        assert node.runtime.queue.counts(INFER)["queued"] == 4
+    assert [totals.get("eligible") for totals in receivers.received().values()] == [2.0]
