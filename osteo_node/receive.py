@@ -272,7 +272,7 @@ class _Socket(AssociationSocket):
         return data
 
 
-def _use_fast_socket(event: evt.Event) -> None:
+def use_fast_socket(event: evt.Event) -> None:
     """EVT_CONN_OPEN: give the connection's socket wrapper `_Socket.recv`.
 
     pynetdicom has no setting for the socket class of accepted connections, so the one wrapper
@@ -450,7 +450,7 @@ def _server(settings: DicomSettings, queue: Queue, store: FileStore, rules: Elig
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [queue, store, rules, limits]),
-        (evt.EVT_CONN_OPEN, _use_fast_socket),
+        (evt.EVT_CONN_OPEN, use_fast_socket),
         (evt.EVT_ACCEPTED, _audit_association, [queue]),
         (evt.EVT_REJECTED, _audit_association, [queue]),
     ]

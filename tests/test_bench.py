@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,42 @@ def test_floor_copies_and_fsyncs_each_image_over_loopback(tmp_path: Path, monkey
     assert receive.floor_rate(files, 2, tmp_path / "floor") > 0
     written = sorted(path.read_bytes() for path in (tmp_path / "floor").iterdir())
     assert written == sorted(path.read_bytes() for path in files) and len(synced) == 5
+
+
+@pytest.mark.integration
+def test_storescu_associations_go_to_several_ports_in_turn(tmp_path: Path) -> None:
+    from osteo_node.bench.dcmtk import Dcmtk
+    from osteo_node.synthetic import synthetic_dx
+
+    files = [synthetic_dx(tmp_path / f"dx-{i}.dcm", sex="F", size=32, seed=i) for i in range(6)]
+    dcmtk = Dcmtk.find()
+    with dcmtk.storescp_running(tmp_path / "a") as a, dcmtk.storescp_running(tmp_path / "b") as b:
+        assert dcmtk.send([a, b], files, associations=3, called="STORESCP") > 0
+    # associations 0 and 2 (files 0, 3 and 2, 5) to the first port, association 1 to the second
+    assert len(list((tmp_path / "a").iterdir())) == 4 and len(list((tmp_path / "b").iterdir())) == 2
+
+
+@pytest.mark.integration
+def test_pynetdicom_alone_runs_in_as_many_processes_as_the_node(tmp_path: Path) -> None:
+    """`library_rate` spreads the associations over `dicom.processes` pynetdicom processes (one
+    port each), at most one per association."""
+    from osteo_node.bench import receive
+    from osteo_node.bench.dcmtk import Dcmtk
+    from osteo_node.synthetic import synthetic_dx
+
+    files = [synthetic_dx(tmp_path / f"dx-{i}.dcm", sex="F", size=32, seed=i) for i in range(4)]
+    sent_to: list[list[int]] = []
+
+    class Recording(Dcmtk):
+        def send(self, port: int | Sequence[int], *args: Any, **kwargs: Any) -> float:
+            sent_to.append(list(port) if not isinstance(port, int) else [port])
+            return super().send(port, *args, **kwargs)
+
+    dcmtk = Recording(*dataclasses.astuple(Dcmtk.find()))
+    settings = parse_settings({"dicom": {"processes": 2}}, tmp_path)
+    assert receive.library_rate(settings, dcmtk, files, 4, tmp_path / "four") > 0
+    assert receive.library_rate(settings, dcmtk, files, 1, tmp_path / "one") > 0
+    assert [len(set(ports)) for ports in sent_to] == [2, 1]
 
 
 def test_worker_counts_double_up_to_the_most() -> None:

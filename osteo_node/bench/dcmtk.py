@@ -88,14 +88,17 @@ class Dcmtk:
             raise RuntimeError(f"storescu: {ok} of {expected} stored with Success; last output:\n"
                                f"{outputs[-1][-800:]}")
 
-    def send(self, port: int, files: Sequence[Path], associations: int = 1,
+    def send(self, port: int | Sequence[int], files: Sequence[Path], associations: int = 1,
              called: str = "OSTEO_NODE") -> float:
-        """Send `files` with `associations` concurrent storescu processes; wall seconds.
+        """Send `files` with `associations` concurrent storescu processes; wall seconds. With
+        several ports, the associations go to them in turn.
 
         Raises RuntimeError unless every file was answered Success."""
+        ports = [port] if isinstance(port, int) else list(port)
         groups = [list(files[i::associations]) for i in range(associations)]
         start = time.perf_counter()
-        procs = [self.start_storescu(port, group, called) for group in groups if group]
+        procs = [self.start_storescu(ports[i % len(ports)], group, called)
+                 for i, group in enumerate(groups) if group]
         self.finish_storescu(procs, len(files))
         return time.perf_counter() - start
 

@@ -8,6 +8,7 @@ same files, against the physical floor: the same bytes copied over loopback and 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import shutil
 import socket
@@ -25,8 +26,8 @@ from pynetdicom import _config, evt
 from ..config import Settings
 from ..node import Node
 from ..queue import INFER
-from ..receive import build_ae
-from .common import ScratchDatabases, node_settings
+from ..receive import build_ae, use_fast_socket
+from .common import ScratchDatabases, free_port, node_settings
 from .dcmtk import Dcmtk
 
 
@@ -91,22 +92,45 @@ def storescp_rate(dcmtk: Dcmtk, files: Sequence[Path], associations: int, folder
     return len(files) / seconds
 
 
-def library_rate(settings: Settings, dcmtk: Dcmtk, files: Sequence[Path], associations: int,
-                 folder: Path) -> float:
-    """Images/s of pynetdicom itself, in one process set up as the node's receiver (its AE, data
-    sets streamed to a file) with a C-STORE handler that answers Success at once: the most one
-    receiver process could reach with this library before it reads, stores or records anything."""
-    settings = node_settings(settings, folder, database_url="sqlite://")
-    _config.STORE_RECV_CHUNKED_DATASET = True  # as start_receiver sets them
+def _library_process(settings: Settings, port: int, ready: Any, stop: Any) -> None:
+    """One process of `library_rate`: the node's AE on `port`, answering Success at once."""
+    _config.STORE_RECV_CHUNKED_DATASET = True  # as the receiver sets them (receive._server)
     _config.LOG_HANDLER_LEVEL = "none"
     server = build_ae(settings.dicom).start_server(
-        ("127.0.0.1", settings.dicom.port), block=False,
-        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000)])
+        ("127.0.0.1", port), block=False,
+        evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000), (evt.EVT_CONN_OPEN, use_fast_socket)])
     assert server is not None  # block=False always returns the server
+    ready.set()
+    stop.wait()
+    server.shutdown()
+
+
+def library_rate(settings: Settings, dcmtk: Dcmtk, files: Sequence[Path], associations: int,
+                 folder: Path) -> float:
+    """Images/s of pynetdicom itself, set up as the node's receiver (its AE, data sets streamed to
+    a file, its socket) with a C-STORE handler that answers Success at once: the most the node's
+    receiver could reach with this library before it reads, stores or records anything. In as
+    many processes as the node has (`dicom.processes`, at most one per association), each on a
+    port of its own, with the associations spread evenly over them, as the node spreads them."""
+    settings = node_settings(settings, folder, database_url="sqlite://")
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    processes = []
     try:
-        seconds = dcmtk.send(settings.dicom.port, files, associations, settings.dicom.ae_title)
+        ports = []
+        for _ in range(min(settings.dicom.processes, associations)):
+            ready, port = context.Event(), free_port()
+            process = context.Process(target=_library_process, args=(settings, port, ready, stop))
+            process.start()
+            processes.append(process)
+            if not ready.wait(60):
+                raise RuntimeError("bench: a pynetdicom process did not start")
+            ports.append(port)
+        seconds = dcmtk.send(ports, files, associations, settings.dicom.ae_title)
     finally:
-        server.shutdown()
+        stop.set()
+        for process in processes:
+            process.join()
     return len(files) / seconds
 
 
