@@ -342,41 +342,57 @@ class HandOff(Protocol):
 
 
 def _start_tls(server: ThreadedAssociationServer, connection: socket.socket,
-               closed: Callable[[Any], None]) -> socket.socket | None:
-    """The connection ready for its association: TLS handshake done when the receiver has TLS
-    (as pynetdicom's own accept does); None when the handshake fails (the connection is closed
-    and counted closed)."""
+               closed: Callable[[Any], None] | None) -> socket.socket | None:
+    """The connection ready for its association: TLS handshake done when the receiver has TLS,
+    within the ACSE timeout; None when the handshake fails or times out (the connection is closed,
+    and counted closed with `closed`)."""
     if server.ssl_context is None:
         return connection
+    connection.settimeout(server.ae.acse_timeout)
     try:
-        return server.ssl_context.wrap_socket(connection, server_side=True)
-    except OSError as exc:  # ssl.SSLError included
+        ready = server.ssl_context.wrap_socket(connection, server_side=True)
+    except OSError as exc:  # ssl.SSLError and TimeoutError included
         log.warning("TLS handshake failed: %s", type(exc).__name__)
         connection.close()
-        closed(None)
+        if closed is not None:
+            closed(None)
         return None
+    ready.settimeout(None)  # blocking, as pynetdicom has its sockets
+    return ready
 
 
-class _HandingServer(ThreadedAssociationServer):
-    """The node's listening server when the receiver has further processes: every accepted
-    connection goes to `hand_off`, and those that stay here are served as pynetdicom serves them.
-    TLS is set up by the process that serves a connection."""
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with the TLS handshake in each connection's own thread.
 
-    hand_off: HandOff
-    closed: Callable[[Any], None]
+    pynetdicom does the handshake in the thread that accepts, without a timeout: one peer that
+    connects and sends nothing stops the receiver accepting anything. Here the accept is a plain
+    accept, and the handshake runs in the connection's thread, within the ACSE timeout. `closed`
+    counts connections closed (several receiver processes)."""
+
+    closed: Callable[[Any], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         return cast(socket.socket, self.socket).accept()
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if self.hand_off.take(request):
-            return
+    def finish_request(self, request: Any, client_address: Any) -> None:
         connection = _start_tls(self, request, self.closed)
         if connection is not None:
-            super().process_request(connection, client_address)
+            super().finish_request(connection, client_address)
 
 
-class _HandedServer(ThreadedAssociationServer):
+class _ListeningServer(_Server):
+    """The node's listening server. With further receiver processes every accepted connection
+    goes to `hand_off`, which hands it to the process with the fewest open associations; the
+    rest are served here."""
+
+    hand_off: HandOff | None = None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.hand_off is None or not self.hand_off.take(request):
+            super().process_request(request, client_address)
+
+
+class _HandedServer(_Server):
     """A further receiver process's server: it listens on nothing and serves the connections the
     node's process hands it (`serve_handed`)."""
 
@@ -431,8 +447,8 @@ def _check_temp_folder(store: FileStore) -> None:
 
 
 def _server(settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules,
-            limits: ReceiveLimits, server_class: type[ThreadedAssociationServer],
-            closed: Callable[[Any], None] | None) -> ThreadedAssociationServer:
+            limits: ReceiveLimits, server_class: type[_Server],
+            closed: Callable[[Any], None] | None) -> _Server:
     """The receiver's pynetdicom server of `server_class`; `closed` counts its connections closed
     (several receiver processes)."""
     # Process-wide pynetdicom settings (measurements in docs/performance.md):
@@ -459,10 +475,11 @@ def _server(settings: DicomSettings, queue: Queue, store: FileStore, rules: Elig
     if hasattr(os, "posix_fadvise"):  # not on macOS: there the fsync writes the whole file
         handlers.append((evt.EVT_PDU_RECV, _WriteBack()))
     ssl_context = server_context(settings.tls) if settings.tls is not None else None
-    server = cast(ThreadedAssociationServer, ae.make_server(
+    server = cast(_Server, ae.make_server(
         (settings.bind_address, settings.port), evt_handlers=handlers, ssl_context=ssl_context,
         server_class=server_class,
     ))
+    server.closed = closed
     ae._servers.append(server)  # as AE.start_server(block=False) does: server.shutdown() removes it
     return server
 
@@ -474,13 +491,9 @@ def start_receiver(
     """Start listening in background threads; call `.shutdown()` on the result to stop. With
     `hand_off` (further receiver processes), each connection goes to the process with the fewest
     open associations, this one included."""
-    if hand_off is None:
-        server = _server(settings, queue, store, rules, limits, ThreadedAssociationServer, None)
-    else:
-        closed = hand_off.counts.counter(0)
-        server = _server(settings, queue, store, rules, limits, _HandingServer, closed)
-        handing = cast(_HandingServer, server)
-        handing.hand_off, handing.closed = hand_off, closed
+    closed = hand_off.counts.counter(0) if hand_off is not None else None
+    server = cast(_ListeningServer, _server(settings, queue, store, rules, limits, _ListeningServer, closed))
+    server.hand_off = hand_off
     threading.Thread(target=server.serve_forever, name="receiver", daemon=True).start()
     log.info("receiver listening as %s on %s:%d%s", settings.ae_title, settings.bind_address,
              settings.port, " (TLS)" if server.ssl_context else "")
@@ -509,9 +522,7 @@ def serve_handed(
                 connection.close()
                 closed(None)
                 continue
-            ready = _start_tls(server, connection, closed)
-            if ready is not None:
-                server.process_request(ready, address)
+            server.process_request(connection, address)
 
     threading.Thread(target=receive, name="receiver", daemon=True).start()
     return server

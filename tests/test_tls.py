@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import time
@@ -155,3 +156,40 @@ def test_receiver_processes_each_do_their_own_tls(pki: Path, tmp_path: Path) -> 
         assert sum(receivers.counts.handed[index] for index in (0, 1)) == 6
         assert node.runtime.queue.counts(INFER)["queued"] == 4
     assert [totals.get("eligible") for totals in receivers.received().values()] == [2.0]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_peer_that_never_finishes_the_tls_handshake_holds_nothing_up(pki: Path, tmp_path: Path,
+                                                                         processes: int) -> None:
+    """Plain TCP connections that send nothing to a TLS receiver: a TLS association from another
+    peer is served while they wait (the handshake runs in each connection's own thread; pynetdicom
+    does it in the thread that accepts, without a timeout), and they are closed when the ACSE
+    timeout runs out; with several processes, counted closed."""
+    raw = {"node": {"data_dir": str(tmp_path / "var")}, "metrics": {"port": 0, "receiver_port": 0},
+           "storage": {"min_free_disk_mb": 0},
+           "dicom": {"port": free_port(), "processes": processes, "acse_timeout_s": 10.0,
+                     "tls": {"cert": "server.crt", "key": "server.key", "ca": "ca.crt"}}}
+    config = parse_settings(raw, pki)
+    chest = synthetic_dx(tmp_path / "dx.dcm", sex="F", size=64, seed=0)
+    trusted = ("+tls", str(pki / "client.key"), str(pki / "client.crt"), "+cf", str(pki / "ca.crt"))
+    with Node(config, receive=True, work=False) as node:
+        silent = [socket.create_connection(("127.0.0.1", config.dicom.port)) for _ in range(2)]
+        try:
+            assert storescu(config.dicom.port, chest, extra=trusted) == ["Success"]
+            for peer in silent:  # still waiting: the association above did not wait for them
+                peer.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    peer.recv(1)
+            for peer in silent:
+                peer.settimeout(30)
+                assert peer.recv(1) == b""  # closed by the node at the ACSE timeout
+        finally:
+            for peer in silent:
+                peer.close()
+        if node.receivers is not None:
+            counts = node.receivers.counts
+            deadline = time.monotonic() + 15
+            while [counts.open(index) for index in (0, 1)] != [0, 0]:
+                assert time.monotonic() < deadline, "connections not counted closed"
+                time.sleep(0.05)
+            assert sum(counts.handed[index] for index in (0, 1)) == 3
