@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from osteo_node.bundle import load_bundle
-from training.data import augment, read_manifest
+from training.data import augment, read_manifest, read_manifests
 from training.train import lr_factor, macro_auc
 
 COLUMNS = ["file", "patient_id", "t_score", "class", "age", "sex", "view", "split", "mask_ribs"]
@@ -63,13 +63,27 @@ def test_schedule_and_auc():
     assert macro_auc(labels, np.eye(3)[labels]) == 1.0
 
 
+def test_several_manifests_are_one_cohort_whose_patients_stay_apart(tmp_path):
+    first, second = (tmp_path / "a", tmp_path / "b")
+    first.mkdir(), second.mkdir()
+    one = read_manifests([_manifest(first)])
+    assert one == read_manifest(first / "manifest.csv")  # one manifest: as before
+    both = read_manifests([first / "manifest.csv", _manifest(second)])
+    assert len(both) == 42 and both[0].patient_id == "1:P0" and both[21].patient_id == "2:P0"
+    assert both[21].path == second / "images/000.png"  # paths relative to their own manifest
+    assert [r.split for r in both] == [r.split for r in one] * 2  # each keeps its splits
+
+
 @pytest.mark.slow
 def test_train_command_exports_a_loadable_bundle(tmp_path):
-    manifest = _manifest(tmp_path)
+    """Trained on two manifests at once (`--manifest A --manifest B`)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    manifests = [_manifest(tmp_path / "a"), _manifest(tmp_path / "b")]
     out = tmp_path / "bundle"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, "-m", "training.cli", "train", "--manifest", str(manifest), "--random-init",
-           "vit-micro", "--input-size", "56", "--epochs", "2", "--batch-size", "8", "--out", str(out),
+    cmd = [sys.executable, "-m", "training.cli", "train", "--manifest", str(manifests[0]),
+           "--manifest", str(manifests[1]), "--random-init", "vit-micro", "--input-size", "56",
+           "--epochs", "2", "--batch-size", "8", "--out", str(out),
            "--name", "smoke", "--version", "0.0.1", "--threads", "1", "--input-transform", "lcn"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -78,7 +92,10 @@ def test_train_command_exports_a_loadable_bundle(tmp_path):
     bundle = load_bundle(out)
     assert bundle.identity.name == "smoke" and bundle.spec.method == "partial"
     assert bundle.spec.input_transform == "lcn" and "input transform lcn" in (out / "MODEL_CARD.md").read_text()
-    assert bundle.manifest["data_summary"]["frontal_rows_per_split"]["val"]
+    summary = bundle.manifest["data_summary"]
+    assert summary["manifest"] == f"{manifests[0]} + {manifests[1]}"
+    assert sum(summary["frontal_rows_per_split"]["val"].values()) == 12  # 6 from each manifest
+    assert summary["patients_train"] == 30  # P1 of one cohort and P1 of the other: two women
     assert (out / "MODEL_CARD.md").is_file()
 
 

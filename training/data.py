@@ -89,6 +89,19 @@ def read_manifest(manifest: str | Path, *, frontal_only: bool = True, split_seed
     return rows
 
 
+
+def read_manifests(manifests: Sequence[str | Path], *, split_seed: int = 0) -> list[Row]:
+    """The rows of several manifests as one cohort (`osteo-train train --manifest A --manifest
+    B`): each manifest's rows keep their own splits (or draw them, as `read_manifest` does). With
+    more than one, patient ids are prefixed with the manifest's position (1:, 2:, ...): cohorts
+    made apart, e.g. two `osteo-train phantoms` runs, use the same ids for different women, who
+    must not become one patient (one split, one weight in the patient-level bootstrap)."""
+    if len(manifests) == 1:
+        return read_manifest(manifests[0], split_seed=split_seed)
+    return [replace(row, patient_id=f"{position}:{row.patient_id}")
+            for position, manifest in enumerate(manifests, start=1)
+            for row in read_manifest(manifest, split_seed=split_seed)]
+
 def assign_patient_splits(
     rows: Sequence[Row], seed: int, shares: Sequence[tuple[str, float]] = DEFAULT_SPLIT_SHARES
 ) -> list[Row]:

@@ -70,7 +70,7 @@ from osteo_node.model import (
 from osteo_node.pixels import INPUT_TRANSFORMS
 from osteo_node.records import CLASS_NAMES
 from training.calibration import fit_temperature, nll, softmax
-from training.data import CachedImages, augment, normalise, read_manifest
+from training.data import CachedImages, augment, normalise, read_manifests
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,9 @@ REFERENCE_INTENDED_USE = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="osteo-train train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, type=Path, help="manifest.csv (paths relative to it)")
+    p.add_argument("--manifest", required=True, type=Path, action="append",
+                   help="manifest.csv (paths relative to it); repeat it to train on several cohorts at once: "
+                        "each keeps its splits, and its patient ids are prefixed with its position (1:, 2:, ...)")
     p.add_argument("--family", choices=FAMILIES, default="dinov2")
     p.add_argument("--source", help="hub id or local transformers checkpoint of the backbone")
     p.add_argument("--random-init", metavar="PRESET_OR_JSON",
@@ -544,12 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          lora_alpha=2 * args.lora_rank, input_size=input_size, mean=mean, std=std,
                          pooling=args.pooling, input_transform=args.input_transform or "none")
 
-    rows = read_manifest(args.manifest, split_seed=args.seed if args.split_seed is None else args.split_seed)
+    manifests = " + ".join(map(str, args.manifest))  # as before for one manifest
+    rows = read_manifests(args.manifest, split_seed=args.seed if args.split_seed is None else args.split_seed)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     if args.limit:
         by_split = {s: r[: args.limit] for s, r in by_split.items()}
     if not by_split["train"] or not by_split["val"]:
-        print(f"osteo-train train: manifest {args.manifest} needs frontal train and val rows "
+        print(f"osteo-train train: manifest {manifests} needs frontal train and val rows "
               f"(got {len(by_split['train'])} train, {len(by_split['val'])} val)", file=sys.stderr)
         return 2
     train_set = CachedImages(by_split["train"], input_size, spec.input_transform)
@@ -575,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    calibration=chosen["calibration"])
 
     counts = {s: dict(Counter(CLASS_NAMES[r.label] for r in rs)) for s, rs in by_split.items()}
-    data_summary = {"manifest": str(args.manifest), "frontal_rows_per_split": counts,
+    data_summary = {"manifest": manifests, "frontal_rows_per_split": counts,
                     "patients_train": len({r.patient_id for r in by_split["train"]}),
                     "seed": args.seed, "random_init": args.random_init, **summary}
     if initial is not None:
