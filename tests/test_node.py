@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from osteo_node.queue import INFER
 
 from conftest import free_port
 from dicom_tools import storescu, synthetic_dx
+from node_process import wait_for
 
 
 def settings(folder: Path, *, database_url: str = "", **dicom: object) -> Settings:
@@ -92,13 +91,6 @@ def _open_counts(node: Node) -> list[int]:
     return [node.receivers.counts.open(index) for index in (0, 1)]
 
 
-def _until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
 @pytest.mark.integration
 def test_receiver_processes_take_the_associations_in_turn(database_url: str, tmp_path: Path) -> None:
     """`dicom.processes = 2`: the node's process accepts every connection and hands each to the
@@ -121,7 +113,7 @@ def test_receiver_processes_take_the_associations_in_turn(database_url: str, tmp
         for assoc, path in zip(associations, files, strict=True):
             assert assoc.send_c_store(dcmread(path)).Status == 0x0000
             assoc.release()
-        _until(lambda: _open_counts(node) == [0, 0], "associations not counted closed")
+        wait_for(lambda: _open_counts(node) == [0, 0], 30, "associations counted closed", 0.05)
         assert node.runtime.queue.counts(INFER)["queued"] == 4
         assert not node.server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
     assert [totals.get("eligible") for totals in receivers.received().values()] == [2.0]
@@ -140,12 +132,12 @@ def test_a_receiver_process_that_dies_is_started_again(tmp_path: Path, caplog: p
         (first,) = receivers.received()
         os.kill(first, signal.SIGKILL)
         assert _send_each_over_its_own_association(config.dicom.port, files[:8]) == ["Success"] * 8
-        _until(lambda: len(receivers.received()) == 2, "no receiver process was started again", 60)
+        wait_for(lambda: len(receivers.received()) == 2, 60, "a receiver process started again", 0.05)
         receivers.check()  # healthy again
         assert f"receiver process {first} exited with code -9; starting another" in caplog.text
         assert _send_each_over_its_own_association(config.dicom.port, files[8:]) == ["Success"] * 8
         assert node.runtime.queue.counts(INFER)["queued"] == 16
-        _until(lambda: _open_counts(node) == [0, 0], "associations not counted closed")
+        wait_for(lambda: _open_counts(node) == [0, 0], 30, "associations counted closed", 0.05)
     second = [pid for pid in receivers.received() if pid != first]
     assert receivers.received()[second[0]].get("eligible", 0) > 0  # the new process took some
 

@@ -28,6 +28,7 @@ from osteo_node.store import FileStore
 
 from conftest import free_port, require_tool
 from dicom_tools import storescu, synthetic_dx
+from node_process import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -149,10 +150,7 @@ def test_receiver_processes_each_do_their_own_tls(pki: Path, tmp_path: Path) -> 
             assoc.release()
         assert storescu(config.dicom.port, files[0]) != ["Success"]  # plain TCP
         assert storescu(config.dicom.port, files[1]) != ["Success"]
-        deadline = time.monotonic() + 30
-        while open_counts() != [0, 0]:
-            assert time.monotonic() < deadline, "connections not counted closed"
-            time.sleep(0.05)
+        wait_for(lambda: open_counts() == [0, 0], 30, "connections counted closed", 0.05)
         assert sum(receivers.counts.handed[index] for index in (0, 1)) == 6
         assert node.runtime.queue.counts(INFER)["queued"] == 4
     assert [totals.get("eligible") for totals in receivers.received().values()] == [2.0]
@@ -188,8 +186,6 @@ def test_a_peer_that_never_finishes_the_tls_handshake_holds_nothing_up(pki: Path
                 peer.close()
         if node.receivers is not None:
             counts = node.receivers.counts
-            deadline = time.monotonic() + 15
-            while [counts.open(index) for index in (0, 1)] != [0, 0]:
-                assert time.monotonic() < deadline, "connections not counted closed"
-                time.sleep(0.05)
+            wait_for(lambda: [counts.open(index) for index in (0, 1)] == [0, 0], 15,
+                     "connections counted closed", 0.05)
             assert sum(counts.handed[index] for index in (0, 1)) == 3
