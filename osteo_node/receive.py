@@ -446,23 +446,26 @@ def _check_temp_folder(store: FileStore) -> None:
     log.info("received data sets are streamed to %s and renamed into the store", folder)
 
 
+def configure_pynetdicom() -> None:
+    """The receiver's process-wide pynetdicom settings (measurements in docs/performance.md):
+
+    - received C-STORE data sets go to a temporary file as they arrive (in
+      tempfile.gettempdir(); on the store's filesystem they are renamed in, not copied). With
+      everything in this module, CR over one association: 20.0 -> 28.8 images/s, CPU per CR
+      29.3 -> 18.5 ms;
+    - no "standard" event handlers: they format pynetdicom's DEBUG/INFO lines for every PDU and
+      DIMSE message, which the node never shows (its pynetdicom logger is at WARNING, cli.py):
+      ~0.9 ms less CPU per CR in the receiving thread."""
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
+
+
 def _server(settings: DicomSettings, queue: Queue, store: FileStore, rules: EligibilityRules,
             limits: ReceiveLimits, server_class: type[_Server],
             closed: Callable[[Any], None] | None) -> _Server:
     """The receiver's pynetdicom server of `server_class`; `closed` counts its connections closed
     (several receiver processes)."""
-    # Process-wide pynetdicom settings (measurements in docs/performance.md):
-    # - received C-STORE data sets go to a temporary file as they arrive (in
-    #   tempfile.gettempdir(); on the store's filesystem they are renamed in, not copied). With
-    #   everything in this module, CR over one association: 20.0 -> 28.8 images/s, CPU per CR
-    #   29.3 -> 18.5 ms;
-    # - no "standard" event handlers: they format pynetdicom's DEBUG/INFO lines for every PDU and
-    #   DIMSE message, which the node never shows (its pynetdicom logger is at WARNING, cli.py):
-    #   ~0.9 ms less CPU per CR in the receiving thread.
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    _config.LOG_HANDLER_LEVEL = "none"
-    _check_temp_folder(store)
-    sweep(store)  # leftovers of transfers cut short by a crash (the worker also sweeps hourly)
+    configure_pynetdicom()
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [queue, store, rules, limits]),
@@ -491,6 +494,8 @@ def start_receiver(
     """Start listening in background threads; call `.shutdown()` on the result to stop. With
     `hand_off` (further receiver processes), each connection goes to the process with the fewest
     open associations, this one included."""
+    _check_temp_folder(store)  # once per node: its further processes share the store and TMPDIR
+    sweep(store)  # leftovers of transfers cut short by a crash (the worker also sweeps hourly)
     closed = hand_off.counts.counter(0) if hand_off is not None else None
     server = cast(_ListeningServer, _server(settings, queue, store, rules, limits, _ListeningServer, closed))
     server.hand_off = hand_off

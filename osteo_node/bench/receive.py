@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pynetdicom import _config, evt
+from pynetdicom import evt
 
 from ..config import Settings
 from ..node import Node
 from ..queue import INFER
-from ..receive import build_ae, use_fast_socket
+from ..receive import build_ae, configure_pynetdicom, use_fast_socket
 from .common import ScratchDatabases, free_port, node_settings
 from .dcmtk import Dcmtk
 
@@ -94,8 +94,7 @@ def storescp_rate(dcmtk: Dcmtk, files: Sequence[Path], associations: int, folder
 
 def _library_process(settings: Settings, port: int, ready: Any, stop: Any) -> None:
     """One process of `library_rate`: the node's AE on `port`, answering Success at once."""
-    _config.STORE_RECV_CHUNKED_DATASET = True  # as the receiver sets them (receive._server)
-    _config.LOG_HANDLER_LEVEL = "none"
+    configure_pynetdicom()  # as the receiver has it
     server = build_ae(settings.dicom).start_server(
         ("127.0.0.1", port), block=False,
         evt_handlers=[(evt.EVT_C_STORE, lambda _event: 0x0000), (evt.EVT_CONN_OPEN, use_fast_socket)])
