@@ -89,7 +89,6 @@ def read_manifest(manifest: str | Path, *, frontal_only: bool = True, split_seed
     return rows
 
 
-
 def read_manifests(manifests: Sequence[str | Path], *, split_seed: int = 0) -> list[Row]:
     """The rows of several manifests as one cohort (`osteo-train train --manifest A --manifest
     B`): each manifest's rows keep their own splits (or draw them, as `read_manifest` does). With
@@ -101,6 +100,7 @@ def read_manifests(manifests: Sequence[str | Path], *, split_seed: int = 0) -> l
     return [replace(row, patient_id=f"{position}:{row.patient_id}")
             for position, manifest in enumerate(manifests, start=1)
             for row in read_manifest(manifest, split_seed=split_seed)]
+
 
 def assign_patient_splits(
     rows: Sequence[Row], seed: int, shares: Sequence[tuple[str, float]] = DEFAULT_SPLIT_SHARES
