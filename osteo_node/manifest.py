@@ -20,13 +20,20 @@ BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
 
 #: How to produce the reference bundle (quoted in the error when it is missing).
 REFERENCE_COMMAND = (
-    "osteo-train phantoms --n 3000 --seed 1 --out DATA && "
-    "osteo-train train --manifest DATA/manifest.csv --random-init vit-tiny --input-size 112 "
-    "--pooling cls+mean --epochs 28 --lr 5e-4 --warmup-epochs 1 --augment-strength 0.3 --patience 6 "
-    "--target-sensitivity 0.9 --seed 0 --version 0.2.0 --export-reference && "
+    "osteo-train phantoms --n 3000 --seed 2 --randomise --out D2 && "
+    "osteo-train phantoms --n 1500 --seed 3 --out D3 && "
+    "osteo-train phantoms --n 6000 --seed 4 --randomise --out D4 && "
+    "osteo-train phantoms --n 3000 --seed 5 --out D5 && "
+    "osteo-train phantoms --n 6000 --seed 6 --randomise --out D6 && "
+    "osteo-train phantoms --n 4500 --seed 7 --out D7 && "
+    "osteo-train train --manifest D2/manifest.csv --manifest D3/manifest.csv --manifest D4/manifest.csv "
+    "--manifest D5/manifest.csv --manifest D6/manifest.csv --manifest D7/manifest.csv "
+    "--random-init vit-tiny --input-size 112 --pooling cls+mean --input-transform lcn --epochs 20 --lr 5e-4 "
+    "--warmup-epochs 1 --augment-strength 0.3 --patience 10 --target-sensitivity 0.9 --seed 0 "
+    "--version 0.3.0 --export-reference && "
     "osteo-train phantoms --n 150 --seed 31 --out CAMSEL && "
     "osteo-train cam-select --bundle reference --manifest CAMSEL/manifest.csv --split all --n 24 "
-    "--write --version 0.2.1"
+    "--write --version 0.3.1"
 )
 
 
