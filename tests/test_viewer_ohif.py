@@ -68,6 +68,26 @@ def _dismiss_onboarding(page: object) -> None:
             continue
 
 
+def _open_until_shown(page: object, thumbnail: str, text: str) -> None:
+    """Double-click `thumbnail` until `text` shows, within UI_TIMEOUT_MS in all.
+
+    On a loaded machine (CI's last minutes, both test workers busy) the study browser can still
+    re-render while the series' metadata arrive, and a double-click on the old element opens
+    nothing; one lost click once cost the whole timeout (clean-clone CI, 2026-11-30).
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    tries = 6
+    for attempt in range(tries):
+        page.locator(thumbnail).first.dblclick()  # type: ignore[attr-defined]
+        try:
+            page.get_by_text(text).first.wait_for(timeout=UI_TIMEOUT_MS // tries)  # type: ignore[attr-defined]
+            return
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+
+
 def _colour_fraction(png: bytes) -> float:
     """Fraction of clearly coloured pixels (channel spread > 60) in a screenshot."""
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
@@ -103,10 +123,9 @@ def _open_sr_and_sc(page: object, origin: str, study_uid: str, sr_bytes: bytes, 
     page.screenshot(path=str(ARTIFACTS / f"{name}-study.png"))  # type: ignore[attr-defined]
 
     # The SR: its measurement group placed on the radiograph, labelled with the result in words.
-    page.locator("[data-cy=study-browser-thumbnail-no-image]").first.dblclick()  # type: ignore[attr-defined]
     viewport = page.locator("[data-cy=viewport-pane]").first  # type: ignore[attr-defined]
     label = f"AI: {category} (p = {probability:.2f})"
-    page.get_by_text(label).first.wait_for()  # type: ignore[attr-defined]
+    _open_until_shown(page, "[data-cy=study-browser-thumbnail-no-image]", label)
     page.wait_for_timeout(2000)  # let the radiograph under the label render for the screenshot
     page.screenshot(path=str(ARTIFACTS / f"{name}-sr.png"))  # type: ignore[attr-defined]
     sr_text = viewport.inner_text()
