@@ -3,7 +3,8 @@
 Orthanc (DICOMweb plugin) is the PACS: it holds the radiograph, routes it to the node and receives
 the SR and SC back. The pinned OHIF viewer (`.ohif/`, installed by scripts/setup.sh) is served with
 a same-origin DICOMweb proxy (tests/ohif.py). Chromium opens the study, then the SR (the result in
-words, placed on the radiograph), then the SC (the heatmap). Screenshots: test-artifacts/ohif/.
+words, placed on the radiograph), then the SC (the heatmap). Screenshots and the page's console:
+test-artifacts/ohif/.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _open_study(page: object, url: str) -> None:
 
 
 def _open_until_shown(page: object, url: str, thumbnail: str, text: str) -> None:
-    """Double-click `thumbnail` until `text` shows, within UI_TIMEOUT_MS in all.
+    """Double-click `thumbnail` until `text` shows: 3 tries, each waiting a third of UI_TIMEOUT_MS.
 
     Where the SR's label shows at all it shows within about a second of the double-click (0.7 s
     here, 2026-11-30). On a slower machine at the end of a full suite it twice never showed, and
