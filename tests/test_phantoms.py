@@ -295,6 +295,27 @@ def test_command_line_writes_a_cohort(tmp_path: Path) -> None:
     shutil.rmtree(out)
 
 
+def test_contact_sheet_shows_a_monochrome1_image_as_the_node_reads_it(
+    tmp_path: Path, cohort: Path, rows: list[dict[str, str]]
+) -> None:
+    """A MONOCHROME1 copy (stored values inverted) gives the same tile as its MONOCHROME2 original."""
+    from training.contact_sheet import tile
+
+    row = rows[0]
+    ds = pydicom.dcmread(cohort / row["file"])
+    ds.PixelData = (4095 - ds.pixel_array).astype(np.uint16).tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.WindowCenter = 4095 - float(ds.WindowCenter)
+    (tmp_path / "images").mkdir()
+    ds.save_as(tmp_path / row["file"], enforce_file_format=True)
+    for name in phantoms.MASK_NAMES:
+        (tmp_path / row[f"mask_{name}"]).parent.mkdir(exist_ok=True)
+        shutil.copy(cohort / row[f"mask_{name}"], tmp_path / row[f"mask_{name}"])
+    original = np.asarray(tile(row, cohort, 128)).astype(int)
+    inverted = np.asarray(tile(row, tmp_path, 128)).astype(int)
+    assert np.abs(original - inverted).max() <= 2
+
+
 def test_off_bone_leak_changes_only_soft_tissue_that_no_bone_overlies() -> None:
     options = phantoms.GenerationOptions(leak="off-bone", lateral_fraction=0.0)
     spec = phantoms.draw_cohort(1, 5, options)[0][0]

@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw
 
+from osteo_node.pixels import decode
+
 logger = logging.getLogger(__name__)
 
 #: Outline colour (RGB) per mask column of the manifest.
@@ -29,17 +31,10 @@ OUTLINE_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def windowed(ds: pydicom.Dataset) -> np.ndarray:
-    """uint8 display image from the dataset's first VOI window (MONOCHROME2 assumed)."""
-    pixels = ds.pixel_array.astype(np.float32)
-    centre, width = float(ds.WindowCenter), float(ds.WindowWidth)
-    scaled = (pixels - (centre - 0.5 - (width - 1) / 2)) / (width - 1)
-    return (np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def tile(row: dict[str, str], root: Path, tile_px: int) -> Image.Image:
-    """One captioned tile: the windowed image with each mask's outline in its colour."""
-    display = windowed(pydicom.dcmread(root / row["file"]))
+    """One captioned tile: the image as the node reads it (`pixels.decode`: its window, MONOCHROME1
+    inverted) with each mask's outline in its colour."""
+    display = (decode(pydicom.dcmread(root / row["file"])) * 255).astype(np.uint8)
     rgb = np.repeat(display[:, :, None], 3, axis=2)
     for name, colour in OUTLINE_COLOURS.items():
         path = row.get(f"mask_{name}")
