@@ -383,6 +383,68 @@ def test_randomise_changes_nothing_that_carries_a_label() -> None:
     assert contrasts[0] > contrasts[1], contrasts
 
 
+def test_randomise_physics_changes_nothing_that_carries_a_label_nor_randomise_draws() -> None:
+    options = phantoms.GenerationOptions(bone_change_per_sd=(0.09, 0.16), randomise=True)
+    physics_options = dataclasses.replace(options, randomise_physics=True)
+    plain, plain_splits = phantoms.draw_cohort(200, 22, options)
+    physics, physics_splits = phantoms.draw_cohort(200, 22, physics_options)
+    assert physics_splits == plain_splits
+    physics_fields = {"beam_kev", "scatter_ratio", "scatter_sigma_mm", "halo_weight", "halo_mm",
+                      "gain_nonuniformity", "collimation_mm", "shutter_bright", "marker_corner", "aspect",
+                      "aspect_shift"}
+    for a, b in zip(plain, physics):
+        assert {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)} <= physics_fields
+    assert {s.marker_corner for s in physics} == {-1, 0, 1, 2, 3}
+    assert any(s.beam_kev == 0 for s in physics) and any(any(s.collimation_mm) for s in physics)
+    t_scores = np.array([s.t_score for s in physics])
+    for field in ("beam_kev", "scatter_ratio", "halo_weight", "gain_nonuniformity"):
+        values = np.array([getattr(s, field) for s in physics], dtype=float)
+        assert values.std() > 0, field
+        assert abs(np.corrcoef(t_scores, values)[0, 1]) < 0.25, field
+
+
+def test_physics_scatter_lowers_and_a_softer_beam_raises_the_bone_contrast() -> None:
+    spec = phantoms.draw_cohort(1, 7, phantoms.GenerationOptions(lateral_fraction=0.0))[0][0]
+    plain = phantoms.render(spec, SIZE)
+    scattered = phantoms.render(dataclasses.replace(spec, scatter_ratio=1.2), SIZE)
+    soft_beam, hard_beam = (phantoms.render(dataclasses.replace(spec, beam_kev=kev), SIZE) for kev in (45.0, 66.0))
+    # Scatter is a veil over everything: the mapping keeps the soft tissue's range, and bone loses
+    # contrast against its surroundings.
+    assert _bone_contrast(scattered) < 0.8 * _bone_contrast(plain)
+    assert _bone_contrast(soft_beam) > _bone_contrast(plain) > _bone_contrast(hard_beam)
+    assert phantoms.energy_scales(0.0) == (1.0, 1.0)
+    assert phantoms.energy_scales(60.0) == pytest.approx((1.0, 1.0))
+    soft_45, mineral_45 = phantoms.energy_scales(45.0)
+    assert mineral_45 / soft_45 > 1.5  # mineral's attenuation falls far faster with energy than water's
+    # Bone still gets darker with a lower T-score through scatter and a soft beam.
+    physics = dataclasses.replace(spec, scatter_ratio=0.9, beam_kev=48.0, halo_weight=0.2, gain_nonuniformity=0.02)
+    contrasts = [_bone_contrast(phantoms.render(dataclasses.replace(physics, t_score=t), SIZE)) for t in (1.5, -4.0)]
+    assert contrasts[0] > contrasts[1], contrasts
+
+
+def test_physics_collimation_and_marker_show_and_the_masks_stay_inside_the_field() -> None:
+    spec = phantoms.draw_cohort(1, 7, phantoms.GenerationOptions(lateral_fraction=0.0))[0][0]
+    shuttered = dataclasses.replace(spec, collimation_mm=(20.0, 0.0, 30.0, 0.0), shutter_bright=True)
+    rendering = phantoms.render(shuttered, SIZE)
+    top, left = round(20.0 / (phantoms.FIELD_OF_VIEW_MM / SIZE)), round(30.0 / (phantoms.FIELD_OF_VIEW_MM / SIZE))
+    assert (rendering.pixels[:top] == 4095).all() and (rendering.pixels[:, :left] == 4095).all()
+    assert rendering.pixels[top:, left:].std() > 50
+    assert not any(mask[:top].any() or mask[:, :left].any() for mask in rendering.masks.values())
+    dark = phantoms.render(dataclasses.replace(shuttered, shutter_bright=False), SIZE)
+    assert (dark.pixels[:top] == int(spec.dn_low)).all()
+    marked = phantoms.render(dataclasses.replace(spec, marker_corner=0), SIZE)
+    plain = phantoms.render(spec, SIZE)
+    letter = phantoms._marker(0, SIZE)
+    assert 20 < letter.sum() and letter[: SIZE // 4, : SIZE // 4].sum() == letter.sum()
+    # The lead letter stops the beam: it shows as bright as dense bone, far above what was there.
+    assert np.median(marked.pixels[letter].astype(float) - plain.pixels[letter]) > 500
+    portrait = phantoms.render(dataclasses.replace(spec, aspect=0.8, aspect_shift=0.0), SIZE)
+    assert portrait.pixels.shape == (SIZE, round(0.8 * SIZE))
+    assert np.array_equal(portrait.pixels, plain.pixels[:, : round(0.8 * SIZE)])
+    assert all(mask.shape == portrait.pixels.shape for mask in portrait.masks.values())
+    assert np.array_equal(marked.pixels[SIZE // 2:], plain.pixels[SIZE // 2:])
+
+
 def test_command_line_names_a_bad_bone_change(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "training.cli", "phantoms", "--n", "1", "--out", str(tmp_path / "x"),

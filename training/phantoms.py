@@ -254,6 +254,9 @@ class GenerationOptions:
     bone_change_per_sd: tuple[float, float] = BONE_CHANGE_PER_SD
     #: Broad domain randomisation of everything that carries no label (see `randomise_spec`).
     randomise: bool = False
+    #: Randomised acquisition physics: beam energy, scatter, phosphor halo, gain non-uniformity,
+    #: collimation and a lead marker (see `randomise_physics`).
+    randomise_physics: bool = False
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 4096:
@@ -320,6 +323,18 @@ class PhantomSpec:
     clahe_tiles: int = 8
     second_edge_amount: float = 0.0  # a second, coarse unsharp mask (multi-frequency processing)
     second_edge_sigma_mm: float = 8.0
+    # Acquisition physics (GenerationOptions.randomise_physics); the defaults are the plain chain.
+    beam_kev: float = 0.0  # effective beam energy; 0: the chain's own attenuation (about 60 keV)
+    scatter_ratio: float = 0.0  # scatter-to-primary ratio at the median (grid ~0.1-0.3, none ~0.5-1.4)
+    scatter_sigma_mm: float = 60.0  # reach of the scatter veil
+    halo_weight: float = 0.0  # share of a long-range (phosphor) blur
+    halo_mm: float = 3.0
+    gain_nonuniformity: float = 0.0  # relative amplitude of a smooth detector-gain pattern
+    collimation_mm: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # top, bottom, left, right
+    shutter_bright: bool = True  # collimated border bright (electronic shutter) or dark (unexposed)
+    marker_corner: int = -1  # lead side marker in corner 0..3; -1 none
+    aspect: float = 1.0  # detector columns / rows (a 35 x 43 cm cassette: 0.81); the columns are cropped
+    aspect_shift: float = 0.5  # where the kept columns sit, 0 left .. 1 right
 
     @property
     def patient_id(self) -> str:
@@ -421,7 +436,8 @@ def draw_image(
         off_bone_density=off_bone_density,
         bone_change_per_sd=tuple(options.bone_change_per_sd),
     )
-    return randomise_spec(spec, options) if options.randomise else spec
+    spec = randomise_spec(spec, options) if options.randomise else spec
+    return randomise_physics(spec) if options.randomise_physics else spec
 
 
 def randomise_spec(spec: PhantomSpec, options: GenerationOptions) -> PhantomSpec:
@@ -472,6 +488,45 @@ def randomise_spec(spec: PhantomSpec, options: GenerationOptions) -> PhantomSpec
         second_edge_amount=float(rng.uniform(0.0, 0.8)) if rng.random() < 0.5 else 0.0,
         second_edge_sigma_mm=float(rng.uniform(5.0, 20.0)),
     )
+
+
+def randomise_physics(spec: PhantomSpec) -> PhantomSpec:
+    """Draw the acquisition physics the plain chain leaves out, from a stream of its own.
+
+    Effective beam energy 42-66 keV (chest exposures at about 70-125 kVp; bone mineral's
+    attenuation changes far more with it than soft tissue's, `energy_scales`), scatter with or
+    without a grid, a phosphor's long-range halo, gain non-uniformity, collimation borders, a
+    lead side marker and a portrait detector (fewer columns than rows, as a 35 x 43 cm cassette).
+    Seeded by (seed, index, 4), so the cohort's labels, splits and the `randomise_spec` draws stay
+    those of the same options without it; nothing here depends on the T-score.
+    """
+    rng = np.random.default_rng([spec.seed, spec.index, 4])
+    grid = rng.random() < 0.4
+    collimated = rng.random() < 0.5
+    return dataclasses.replace(
+        spec,
+        beam_kev=float(rng.uniform(42, 66)) if rng.random() < 0.7 else 0.0,
+        scatter_ratio=float(rng.uniform(0.1, 0.3) if grid else rng.uniform(0.5, 1.4)),
+        scatter_sigma_mm=float(rng.uniform(30, 90)),
+        halo_weight=float(rng.uniform(0.05, 0.25)) if rng.random() < 0.5 else 0.0,
+        halo_mm=float(rng.uniform(2.0, 5.0)),
+        gain_nonuniformity=float(rng.uniform(0.0, 0.03)),
+        collimation_mm=tuple(float(x) for x in rng.uniform(0, 30, 4)) if collimated else (0.0, 0.0, 0.0, 0.0),
+        shutter_bright=bool(rng.random() < 0.7),
+        marker_corner=int(rng.integers(4)) if rng.random() < 0.6 else -1,
+        aspect=float(rng.uniform(0.78, 0.95)) if rng.random() < 0.4 else 1.0,
+        aspect_shift=float(rng.uniform(0.3, 0.7)),
+    )
+
+
+def energy_scales(beam_kev: float) -> tuple[float, float]:
+    """(soft tissue, bone mineral) attenuation at an effective beam energy, relative to the chain's
+    own (about 60 keV): power laws through water's and cortical mineral's (excess over water)
+    attenuation at 40-80 keV (NIST XCOM), E^-0.6 and E^-2.3. 0 means the chain's own."""
+    if not beam_kev:
+        return 1.0, 1.0
+    ratio = beam_kev / 60.0
+    return ratio ** -0.6, ratio ** -2.3
 
 
 def draw_cohort(n: int, seed: int, options: GenerationOptions) -> tuple[list[PhantomSpec], dict[int, str]]:
@@ -613,6 +668,10 @@ def line_integrals(spec: PhantomSpec, anatomy: Anatomy) -> tuple[np.ndarray, np.
     strength = STRIATION_AMPLITUDE * per_sd[1] / BONE_CHANGE_PER_SD[1]
     amplitude = strength * float(np.clip(-spec.t_score / 4.5, 0.0, 1.0)) if spec.bone_change else 0.0
     texture = np.clip(1.0 + amplitude * striation, 0.0, None)
+    if spec.beam_kev:
+        soft_scale, mineral_scale = energy_scales(spec.beam_kev)
+        soft_total, leak = soft_scale * soft_total, soft_scale * leak
+        cortical, trabecular = mineral_scale * cortical, mineral_scale * trabecular
     total = soft_total + leak + f_cortical * cortical + f_trabecular * trabecular * texture
     return total.astype(np.float32), soft_total.astype(np.float32), bits
 
@@ -665,9 +724,24 @@ def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) 
     rng = np.random.default_rng([spec.seed, spec.index, 2])
     mm_per_px = spacing_mm / spec.zoom
     intensity = np.exp(-line)
+    scattered = None
+    if spec.scatter_ratio:
+        intensity, scattered = _scatter(intensity, soft, map_u, map_v, spec, mm_per_px, size)
+    if spec.marker_corner >= 0:
+        intensity = np.where(_marker(spec.marker_corner, size), intensity * 0.02, intensity).astype(np.float32)
     intensity += rng.standard_normal(intensity.shape).astype(np.float32) * np.sqrt(intensity / spec.photons)
-    intensity = cv2.GaussianBlur(intensity, (0, 0), spec.blur_mm / mm_per_px)
+    blurred = cv2.GaussianBlur(intensity, (0, 0), spec.blur_mm / mm_per_px)
+    if spec.halo_weight:
+        halo = cv2.GaussianBlur(intensity, (0, 0), spec.halo_mm / mm_per_px)
+        blurred = (1 - spec.halo_weight) * blurred + spec.halo_weight * halo
+    intensity = blurred
+    if spec.gain_nonuniformity:
+        pattern = np.random.default_rng([spec.seed, spec.index, 5]).standard_normal((size, size)).astype(np.float32)
+        pattern = cv2.GaussianBlur(pattern, (0, 0), size / 12)
+        intensity = intensity * (1.0 + spec.gain_nonuniformity * pattern / max(float(pattern.std()), 1e-6))
     logged = -np.log(np.clip(intensity, 1e-6, None))
+    if scattered is not None:  # the window sees the soft-only image through the same scatter
+        soft_line = -np.log(np.exp(-scattered[0]) + scattered[1]) - equalizer[::8, ::8]
     low, high = np.percentile(soft_line, [0.5, 99.0])
     high += 0.3
     if spec.response != "log":  # randomised detector response, applied alike to the soft-only image
@@ -690,7 +764,52 @@ def render(spec: PhantomSpec, size: int = 512, spacing_mm: float | None = None) 
     width = (spec.dn_high - spec.dn_low) * spec.window_jitter[1]
     centre = (spec.dn_high + spec.dn_low) / 2 + spec.window_jitter[0] * width
     masks = projected_masks(bits, anatomy.body > BODY_CHORD_MM, map_u, map_v)
+    if any(spec.collimation_mm):
+        field = _field(spec.collimation_mm, spacing_mm, size)
+        pixels[~field] = 4095 if spec.shutter_bright else int(spec.dn_low)
+        masks = {name: mask & field for name, mask in masks.items()}
+    if spec.aspect != 1.0:
+        cols = round(size * spec.aspect)
+        left = round(spec.aspect_shift * (size - cols))
+        pixels = np.ascontiguousarray(pixels[:, left : left + cols])
+        masks = {name: np.ascontiguousarray(mask[:, left : left + cols]) for name, mask in masks.items()}
     return Rendering(pixels, masks, round(float(centre), 1), round(float(width), 1))
+
+
+def _scatter(intensity: np.ndarray, soft: np.ndarray, map_u: np.ndarray, map_v: np.ndarray, spec: PhantomSpec,
+             mm_per_px: float, size: int) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Add a scatter veil: a wide low-pass of the soft-tissue-only primary (so it carries no bone
+    information) scaled to `scatter_ratio` times the median primary. Returns the new intensity and
+    (soft-only line integral, veil) on every eighth pixel, for the window."""
+    soft_line = cv2.remap(np.ascontiguousarray(soft.T), map_u, map_v, cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_REPLICATE)
+    primary = np.exp(-np.clip(soft_line, 0.0, None))
+    coarse = cv2.resize(primary, (64, 64), interpolation=cv2.INTER_AREA)
+    low = cv2.GaussianBlur(coarse, (0, 0), spec.scatter_sigma_mm / mm_per_px * 64 / size)
+    low = cv2.resize(low, (size, size), interpolation=cv2.INTER_LINEAR)
+    veil = (spec.scatter_ratio * float(np.median(primary)) / max(float(np.median(low)), 1e-6) * low).astype(np.float32)
+    return (intensity + veil).astype(np.float32), (soft_line[::8, ::8], veil[::8, ::8])
+
+
+def _marker(corner: int, size: int) -> np.ndarray:
+    """A lead side marker ("R") near one corner of the detector, as a bool mask."""
+    marker = np.zeros((size, size), np.uint8)
+    scale = size / 512
+    x = round(20 * scale) if corner % 2 == 0 else size - round(60 * scale)
+    y = round(60 * scale) if corner < 2 else size - round(20 * scale)
+    cv2.putText(marker, "R", (x, y), cv2.FONT_HERSHEY_SIMPLEX, 1.3 * scale, 255, max(1, round(3 * scale)))
+    return marker > 0
+
+
+def _field(collimation_mm: tuple[float, float, float, float], spacing_mm: float, size: int) -> np.ndarray:
+    """The collimated (exposed) field: False in the top, bottom, left and right borders."""
+    top, bottom, left, right = (round(c / spacing_mm) for c in collimation_mm)
+    field = np.ones((size, size), bool)
+    field[:top] = False
+    field[size - bottom:] = False
+    field[:, :left] = False
+    field[:, size - right:] = False
+    return field
 
 
 def projected_masks(bits: np.ndarray, body: np.ndarray, map_u: np.ndarray, map_v: np.ndarray) -> dict[str, np.ndarray]:
@@ -892,6 +1011,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="broad domain randomisation of everything that carries no label (detector "
                              "response and processing, LUTs, exposure, window, soft tissue, noise, blur, pose, "
                              "field of view); labels and splits stay those of the same --seed without it")
+    parser.add_argument("--randomise-physics", action="store_true",
+                        help="randomised acquisition physics: beam energy, scatter (with or without a grid), "
+                             "phosphor halo, gain non-uniformity, collimation, a lead marker; labels, splits and "
+                             "--randomise's draws stay those of the same options without it")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -902,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     options = GenerationOptions(
         bone_change_per_sd=per_sd,
         randomise=args.randomise,
+        randomise_physics=args.randomise_physics,
         size=args.size,
         pixel_spacing=args.pixel_spacing,
         label_noise=args.label_noise,
