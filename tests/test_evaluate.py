@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from training import evaluate
@@ -158,3 +159,37 @@ def test_evaluate_refuses_a_missing_bundle(cohort: Path, tmp_path: Path) -> None
     done = osteo_train("evaluate", "--bundle", str(tmp_path / "nope"), "--manifest", str(cohort))
     assert done.returncode == 2
     assert "no model bundle" in done.stderr
+
+
+def test_by_attribute_gives_each_group_its_own_auc(cohort: Path, reference_run: tuple[dict, Path]) -> None:
+    from osteo_node import metrics
+
+    _, out = reference_run
+    with (out / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    classes = ("normal", "osteopenia", "osteoporosis")
+    cases = tuple(evaluate.Case(path=Path(r["file"]), patient_id=r["patient_id"], label=classes.index(r["class"]),
+                                bone_masks=()) for r in rows)
+    probs = np.array([[float(r[f"p_{c}"]) for c in classes] for r in rows])
+    predictions = evaluate.Predictions(cases=cases, probs=probs)
+    by_sex = evaluate.by_attribute("PatientSex", predictions, n_bootstrap=200)
+    assert by_sex["keyword"] == "PatientSex"
+    sexes = [str(pydicom.dcmread(c.path, stop_before_pixels=True).PatientSex) for c in cases]
+    assert set(by_sex["groups"]) == set(sexes)
+    for sex, group in by_sex["groups"].items():
+        rows_of = [i for i, s in enumerate(sexes) if s == sex]
+        assert group["n"] == len(rows_of)
+        expected = metrics.low_bmd_auc(predictions.labels[rows_of], probs[rows_of])
+        if group["low_bmd_auc"] is None:
+            assert math.isnan(expected)
+        else:
+            assert group["low_bmd_auc"]["value"] == pytest.approx(expected)
+            assert within(group["low_bmd_auc"])
+    # Phantoms carry no StationName: one group, named so.
+    assert list(evaluate.by_attribute("StationName", predictions, n_bootstrap=50)["groups"]) == ["(absent)"]
+
+
+def test_evaluate_by_names_a_bad_keyword(cohort: Path) -> None:
+    done = osteo_train("evaluate", "--bundle", "reference", "--manifest", str(cohort), "--by", "StationNam")
+    assert done.returncode == 2
+    assert "'StationNam' is not a DICOM attribute keyword" in done.stderr

@@ -20,9 +20,15 @@ its area to the bone's (off_bone_area_ratio). Where the manifest has a mask_body
 write one), the region stays inside the body: air beside the patient is not inpainted
 (off_bone_within_body in the output).
 
+--by KEYWORD also reports the low-BMD AUC per value of a DICOM attribute of the images, e.g.
+StationName (the room), Manufacturer or ViewPosition: where a site's rooms or detectors differ, a
+pooled AUC hides the one that fails. Each group gets its own class-stratified, patient-level
+bootstrap (the same resamples count and seed).
+
 Example::
 
     osteo-train evaluate --bundle reference --manifest HELDOUT/manifest.csv --split all
+    osteo-train evaluate --bundle reference --manifest SITE/manifest.csv --split all --by StationName
 """
 
 from __future__ import annotations
@@ -117,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--off-bone-margin", type=int, default=OFF_BONE_MARGIN,
                    help=f"pixels kept clear between the grown bone masks and the --perturb-off-bone region "
                         f"(default {OFF_BONE_MARGIN})")
+    p.add_argument("--by", metavar="KEYWORD",
+                   help="also the low-BMD AUC per value of this DICOM attribute of the images "
+                        "(e.g. StationName, Manufacturer, ViewPosition)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--out", type=Path, help="folder for predictions.csv and metrics.json")
     return p
@@ -262,6 +271,30 @@ def summarise(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str],
     }
 
 
+def by_attribute(keyword: str, predictions: Predictions, *, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Low-BMD AUC (bootstrap CI) per value of the DICOM attribute `keyword` (a DICOM keyword) of
+    each case's image. Images without the attribute form the group "(absent)"; a group with one
+    class only has no AUC (null)."""
+    values = []
+    for case in predictions.cases:
+        ds = pydicom.dcmread(case.path, stop_before_pixels=True, specific_tags=[keyword])
+        value = ds.get(keyword)
+        values.append(str(value).strip() if value not in (None, "") else "(absent)")
+    labels, ids = predictions.labels, predictions.patient_ids
+    groups: dict[str, Any] = {}
+    for value in sorted(set(values)):
+        rows = [i for i, v in enumerate(values) if v == value]
+        y, probs = labels[rows], predictions.probs[rows]
+        entry: dict[str, Any] = {"n": len(rows), "n_low_bmd": int((y >= 1).sum()), "low_bmd_auc": None}
+        if 0 < entry["n_low_bmd"] < len(rows):
+            ci = metrics.bootstrap_many({"low_bmd_auc": metrics.low_bmd_auc}, y, probs, [ids[i] for i in rows],
+                                        n_bootstrap, seed)
+            entry["low_bmd_auc"] = ci["low_bmd_auc"].as_dict()
+        groups[value] = entry
+    return {"keyword": keyword, "groups": groups}
+
+
 def area_summary(ratios: np.ndarray | None) -> dict[str, float]:
     """Mean, min and max of the per-image ratios of inpainted area to grown bone area."""
     if ratios is None or not len(ratios):
@@ -292,6 +325,12 @@ def format_table(result: dict[str, Any]) -> str:
     at = result["low_bmd_at_threshold"]
     lines.append(f"  low BMD at threshold {at['threshold']:.3f}:")
     lines += [row(f"  {name}", at[name]) for name in ("sensitivity", "specificity", "ppv", "npv")]
+    if "by" in result:
+        lines.append(f"  low-BMD AUC by {result['by']['keyword']}:")
+        for value, group in result["by"]["groups"].items():
+            label = f"  {value} (n = {group['n']})"
+            lines.append(row(label, group["low_bmd_auc"]) if group["low_bmd_auc"]
+                         else f"  {label:<28} one class only, no AUC")
     return "\n".join(head + lines)
 
 
@@ -311,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.bootstrap < 1:
         print(f"osteo-train evaluate: --bootstrap must be >= 1, got {args.bootstrap}", file=sys.stderr)
+        return 2
+    if args.by and not pydicom.datadict.tag_for_keyword(args.by):
+        print(f"osteo-train evaluate: --by: {args.by!r} is not a DICOM attribute keyword "
+              "(e.g. StationName, Manufacturer, ViewPosition)", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
     try:
@@ -337,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("predicted %d images in %.1f s", len(cases), time.perf_counter() - start)
     result = summarise(predictions.labels, predictions.probs, predictions.patient_ids, threshold,
                        n_bootstrap=args.bootstrap, seed=args.seed)
+    if args.by:
+        result["by"] = by_attribute(args.by, predictions, n_bootstrap=args.bootstrap, seed=args.seed)
     result = {"bundle": bundle.identity.name, "bundle_version": bundle.identity.version,
               "device_uid": bundle.identity.device_uid, "manifest": str(args.manifest), "split": args.split,
               "perturb_bone": args.perturb_bone, "perturb_off_bone": args.perturb_off_bone,
