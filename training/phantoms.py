@@ -255,7 +255,7 @@ class GenerationOptions:
     #: Broad domain randomisation of everything that carries no label (see `randomise_spec`).
     randomise: bool = False
     #: Randomised acquisition physics: beam energy, scatter, phosphor halo, gain non-uniformity,
-    #: collimation and a lead marker (see `randomise_physics`).
+    #: collimation, a lead marker and portrait detectors (see `randomise_physics`).
     randomise_physics: bool = False
 
     def __post_init__(self) -> None:
