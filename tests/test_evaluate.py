@@ -189,7 +189,19 @@ def test_by_attribute_gives_each_group_its_own_auc(cohort: Path, reference_run: 
     assert list(evaluate.by_attribute("StationName", predictions, n_bootstrap=50)["groups"]) == ["(absent)"]
 
 
-def test_evaluate_by_names_a_bad_keyword(cohort: Path) -> None:
+def test_evaluate_by_names_a_bad_keyword_and_refuses_a_patient_identifier(cohort: Path) -> None:
     done = osteo_train("evaluate", "--bundle", "reference", "--manifest", str(cohort), "--by", "StationNam")
     assert done.returncode == 2
     assert "'StationNam' is not a DICOM attribute keyword" in done.stderr
+    done = osteo_train("evaluate", "--bundle", "reference", "--manifest", str(cohort), "--by", "PatientID")
+    assert done.returncode == 2
+    assert "PatientID identifies patients" in done.stderr and "PHANTOM-" not in done.stderr + done.stdout
+
+
+def test_by_refuses_what_identifies_a_patient_and_keeps_equipment() -> None:
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "OtherPatientIDsSequence", "AccessionNumber",
+                    "StudyInstanceUID", "SOPInstanceUID", "ReferringPhysicianName", "StudyID"):
+        assert evaluate.identifying(keyword), keyword
+    for keyword in ("StationName", "Manufacturer", "ManufacturerModelName", "ViewPosition", "KVP", "PatientSex",
+                    "PatientAge", "Modality", "InstitutionName"):
+        assert not evaluate.identifying(keyword), keyword

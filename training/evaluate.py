@@ -52,6 +52,7 @@ from PIL import Image
 
 from osteo_node import metrics
 from osteo_node.bundle import LoadedBundle, load_bundle
+from osteo_node.deidentify import KEPT
 from osteo_node.errors import BundleError, ImageError
 from osteo_node.pixels import decode, prepare
 from osteo_node.records import CLASS_NAMES
@@ -271,6 +272,16 @@ def summarise(labels: np.ndarray, probs: np.ndarray, patient_ids: Sequence[str],
     }
 
 
+def identifying(keyword: str) -> bool:
+    """Whether `keyword` names a patient or a study rather than equipment or acquisition: the
+    patient attributes that de-identification removes (all but osteo_node.deidentify.KEPT's), the
+    instance UIDs, accession number, study ID and physicians' names."""
+    if keyword.startswith(("Patient", "OtherPatient", "IssuerOfPatient")):
+        return keyword not in KEPT
+    return (keyword.endswith(("InstanceUID", "PhysicianName", "PhysiciansName"))
+            or keyword in ("AccessionNumber", "StudyID", "StudyDescription"))
+
+
 def by_attribute(keyword: str, predictions: Predictions, *, n_bootstrap: int = 1000,
                  seed: int = 0) -> dict[str, Any]:
     """Low-BMD AUC (bootstrap CI) per value of the DICOM attribute `keyword` (a DICOM keyword) of
@@ -354,6 +365,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.by and not pydicom.datadict.tag_for_keyword(args.by):
         print(f"osteo-train evaluate: --by: {args.by!r} is not a DICOM attribute keyword "
               "(e.g. StationName, Manufacturer, ViewPosition)", file=sys.stderr)
+        return 2
+    if args.by and identifying(args.by):
+        print(f"osteo-train evaluate: --by: {args.by} identifies patients or studies, and its values would be "
+              "printed; choose an equipment or acquisition attribute (e.g. StationName, Manufacturer)",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, args.threads))
     try:
