@@ -1013,8 +1013,8 @@ def main(argv: list[str] | None = None) -> int:
                              "field of view); labels and splits stay those of the same --seed without it")
     parser.add_argument("--randomise-physics", action="store_true",
                         help="randomised acquisition physics: beam energy, scatter (with or without a grid), "
-                             "phosphor halo, gain non-uniformity, collimation, a lead marker; labels, splits and "
-                             "--randomise's draws stay those of the same options without it")
+                             "phosphor halo, gain non-uniformity, collimation, a lead marker, portrait detectors; "
+                             "labels, splits and --randomise's draws stay those of the same options without it")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
