@@ -118,3 +118,35 @@ def test_cli_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[s
         site_phantoms.main(["--n", "2", "--out", str(tmp_path), "--cr-fraction", "1.5"])
     assert exit_info.value.code == 2
     assert "cr_fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_without_switches_one_part_off_and_keeps_every_draw(tmp_path: Path) -> None:
+    """`--without`: same patients, labels and nuisance draws; only the named part changes."""
+    plain = site_phantoms.draw_cohort(12, 3, site_phantoms.SiteOptions(size=128))[0]
+    without = site_phantoms.draw_cohort(
+        12, 3, site_phantoms.SiteOptions(size=128, without=frozenset({"scatter", "pose", "portrait"})))[0]
+    for a, b in zip(plain, without, strict=True):
+        assert (a.t_measured, a.room, a.kvp, a.photons) == (b.t_measured, b.room, b.kvp, b.photons)
+        assert b.scatter_ratio == 0.0 and (b.yaw_deg, b.pitch_deg, b.roll_deg) == (0.0, 0.0, 0.0)
+        assert b.field_mm == (430.0, 430.0)
+    cr = next(s for s in plain if s.room == "CR")
+    assert cr.field_mm == (430.0, 350.0)
+
+    def pixels(spec: site_phantoms.SiteSpec, parts: set[str]) -> np.ndarray:
+        return site_phantoms.render(dataclasses.replace(spec, without=frozenset(parts)), 128).pixels
+
+    dr = next(s for s in plain if s.room == "DX")
+    for spec, part in ((cr, "pyramid"), (cr, "lut"), (dr, "clahe"), (dr, "unsharp"), (dr, "spectrum")):
+        assert not np.array_equal(pixels(spec, set()), pixels(spec, {part})), part
+    # A DR-only part leaves a CR image as it was.
+    assert np.array_equal(pixels(cr, set()), pixels(cr, {"clahe"}))
+
+
+def test_without_refuses_an_unknown_part(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"without must name parts of the chain among \['body', .*got \['grid'\]"):
+        site_phantoms.SiteOptions(without=frozenset({"grid"}))
+    with pytest.raises(SystemExit) as exit_info:
+        site_phantoms.main(["--n", "2", "--out", str(tmp_path), "--without", "grid"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'grid'" in capsys.readouterr().err
+    assert not (tmp_path / "manifest.csv").exists()

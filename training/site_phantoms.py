@@ -35,12 +35,14 @@ patient-level splits), so `osteo-train evaluate --manifest DIR/manifest.csv --sp
 `osteo-train train` read it as they read the default chain's.
 
     osteo-train site-phantoms --n 400 --seed 0 --out runs/site
+    osteo-train site-phantoms --n 400 --seed 0 --out runs/site-flat --without portrait  # WITHOUT
     python -c "from training.site_phantoms import generate_site; generate_site('runs/site', 400, 0)"
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -78,6 +80,23 @@ SITE_BONE_CHANGE_PER_SD: tuple[float, float] = (0.09, 0.16)
 #: DXA precision error (SD of repeated measurements), in T-score units.
 DXA_PRECISION_SD = 0.15
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+#: Parts of the chain that `--without` switches off, to find which of them a model fails on. The
+#: draws stay the same (same patients, labels and nuisance values); only the named part changes.
+WITHOUT: dict[str, str] = {
+    "scatter": "no scatter (scatter-to-primary 0)",
+    "noise": "no quantum noise",
+    "spectrum": "a single 65 keV energy instead of the polychromatic spectrum",
+    "cone": "parallel rays (a source 1 km away) instead of the divergent beam",
+    "pose": "no yaw, pitch or roll",
+    "body": "no fat shell and no breasts",
+    "collimation": "no collimation borders",
+    "halo": "CR: a 0.25 mm detector blur and no phosphor halo",
+    "portrait": "CR: a 43 x 43 cm field instead of the 35 x 43 cm portrait cassette",
+    "pyramid": "CR: no multi-scale contrast amplification",
+    "lut": "CR: a linear display instead of the sigmoid film-like LUT",
+    "clahe": "DR: no adaptive histogram equalisation",
+    "unsharp": "DR: no unsharp masking",
+}
 ROOMS: tuple[str, ...] = ("CR", "DX")
 MANUFACTURER = {"CR": "Simulated Site B Imaging", "DX": "Simulated Site B Imaging"}
 MODEL_NAME = {"CR": "SiteB CR bedside reader", "DX": "SiteB DR wall stand"}
@@ -116,10 +135,14 @@ class SiteOptions:
     lateral_fraction: float = 0.05  # of the DR room's images
     male_fraction: float = 0.1
     repeat_fraction: float = 0.08
+    without: frozenset[str] = frozenset()  # names of WITHOUT: parts of the chain switched off
 
     def __post_init__(self) -> None:
         if not 64 <= self.size <= 4096:
             raise ValueError(f"size must be in 64..4096, got {self.size!r}")
+        unknown = sorted(set(self.without) - set(WITHOUT))
+        if unknown:
+            raise ValueError(f"without must name parts of the chain among {sorted(WITHOUT)}, got {unknown}")
         for name in ("cr_fraction", "lateral_fraction", "male_fraction", "repeat_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -167,6 +190,7 @@ class SiteSpec:
     lut_shift: float
     collimation: tuple[float, float, float, float]  # mm from each edge: top, bottom, left, right
     marker_corner: int
+    without: frozenset[str] = frozenset()  # SiteOptions.without
 
     @property
     def patient_id(self) -> str:
@@ -192,7 +216,7 @@ class SiteSpec:
     @property
     def field_mm(self) -> tuple[float, float]:
         """(rows, cols) of the detector field in mm: a 35 x 43 cm cassette, or a 43 cm square."""
-        return (430.0, 350.0) if self.room == "CR" else (430.0, 430.0)
+        return (430.0, 350.0) if self.room == "CR" and "portrait" not in self.without else (430.0, 430.0)
 
 
 def draw_image(rng: np.random.Generator, options: SiteOptions, **fixed: object) -> SiteSpec:
@@ -220,7 +244,7 @@ def draw_image(rng: np.random.Generator, options: SiteOptions, **fixed: object) 
             float(rng.uniform(0.05, 0.35)),
             float(rng.uniform(0.85, 1.05)),  # fatty to dense, relative to water
         )
-    return SiteSpec(
+    spec = SiteSpec(
         **fixed,  # type: ignore[arg-type]
         room=room,
         view=view,
@@ -250,7 +274,29 @@ def draw_image(rng: np.random.Generator, options: SiteOptions, **fixed: object) 
         lut_shift=float(rng.uniform(-0.1, 0.1)),
         collimation=collimation,  # type: ignore[arg-type]
         marker_corner=int(rng.integers(4)),
+        without=frozenset(options.without),
     )
+    return _switch_off(spec)
+
+
+def _switch_off(spec: SiteSpec) -> SiteSpec:
+    """The spec with the draws of the parts in `spec.without` replaced (render() does the rest)."""
+    changes: dict[str, object] = {}
+    if "scatter" in spec.without:
+        changes["scatter_ratio"] = 0.0
+    if "noise" in spec.without:
+        changes["photons"] = math.inf
+    if "cone" in spec.without:
+        changes["sid_mm"] = 1e6
+    if "pose" in spec.without:
+        changes.update(yaw_deg=0.0, pitch_deg=0.0, roll_deg=0.0)
+    if "body" in spec.without:
+        changes.update(fat_shell_mm=0.0, breast=None)
+    if "collimation" in spec.without:
+        changes["collimation"] = (0.0, 0.0, 0.0, 0.0)
+    if "halo" in spec.without and spec.room == "CR":
+        changes.update(blur_mm=0.25, halo_weight=0.0)
+    return dataclasses.replace(spec, **changes)  # type: ignore[arg-type]
 
 
 def draw_cohort(n: int, seed: int, options: SiteOptions) -> tuple[list[SiteSpec], dict[int, str]]:
@@ -434,6 +480,8 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
 
     # Polychromatic primary: each energy bin attenuated by soft tissue and mineral separately.
     weights = spectrum_weights(spec.kvp)
+    if "spectrum" in spec.without:
+        weights = (ENERGIES_KEV == 65.0).astype(np.float64)
     primary = np.zeros_like(soft_d)
     for w, water, mineral_rel in zip(weights, WATER_RELATIVE, MINERAL_RELATIVE):
         if w > 0:
@@ -474,9 +522,14 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
         inside = value[field]
         lo, hi = np.percentile(inside, [1, 99.5])
         value = (value - lo) / max(hi - lo, 1e-3)
-        value = _pyramid_enhance(value.astype(np.float32), spec.detail_gain)
+        value = value.astype(np.float32)
+        if "pyramid" not in spec.without:
+            value = _pyramid_enhance(value, spec.detail_gain)
         # Sigmoid film-like LUT; MONOCHROME1 (high values dark): attenuation shows bright.
-        display = 1.0 / (1.0 + np.exp(-spec.lut_slope * (value - 0.5 - spec.lut_shift)))
+        if "lut" in spec.without:
+            display = np.clip(value, 0.0, 1.0)
+        else:
+            display = 1.0 / (1.0 + np.exp(-spec.lut_slope * (value - 0.5 - spec.lut_shift)))
         display[~field] = 0.0  # unexposed plate outside the collimation: white in MONOCHROME1
         bits_stored, photometric = 10, "MONOCHROME1"
         pixels = np.clip(np.rint(display * 1023), 0, 1023).astype(np.uint16)
@@ -486,10 +539,17 @@ def render(spec: SiteSpec, size: int = 512) -> SiteRendering:
         response = signal ** spec.response_gamma
         value = 1.0 - response / max(float(np.percentile(response, 99.8)), 1e-6)
         value = np.clip(value, 0.0, 1.0)
-        clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
-        equalised = clahe.apply(np.clip(np.rint(value * 65535), 0, 65535).astype(np.uint16)).astype(np.float32) / 65535
-        smooth = cv2.GaussianBlur(equalised, (0, 0), spec.detail_sigma_mm / mm_px)
-        sharpened = equalised + spec.detail_gain * (equalised - smooth)
+        if "clahe" in spec.without:
+            equalised = value.astype(np.float32)
+        else:
+            clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
+            scaled = np.clip(np.rint(value * 65535), 0, 65535).astype(np.uint16)
+            equalised = clahe.apply(scaled).astype(np.float32) / 65535
+        if "unsharp" in spec.without:
+            sharpened = equalised
+        else:
+            smooth = cv2.GaussianBlur(equalised, (0, 0), spec.detail_sigma_mm / mm_px)
+            sharpened = equalised + spec.detail_gain * (equalised - smooth)
         bits_stored, photometric = 14, "MONOCHROME2"
         sharpened += rng.standard_normal(sharpened.shape).astype(np.float32) * 0.002
         pixels = np.clip(np.rint(sharpened * 16383), 0, 16383).astype(np.uint16)
@@ -659,11 +719,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--male-fraction", type=float, default=0.1, help="share of male patients")
     parser.add_argument("--repeat-fraction", type=float, default=0.08, help="share of patients with a repeat study")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    parser.add_argument("--without", action="append", default=[], choices=sorted(WITHOUT), metavar="PART",
+                        help="switch one part of the chain off, keeping every draw (repeat it): "
+                        + "; ".join(f"{name}: {what}" for name, what in WITHOUT.items()))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         options = SiteOptions(size=args.size, cr_fraction=args.cr_fraction, lateral_fraction=args.lateral_fraction,
-                              male_fraction=args.male_fraction, repeat_fraction=args.repeat_fraction)
+                              male_fraction=args.male_fraction, repeat_fraction=args.repeat_fraction,
+                              without=frozenset(args.without))
     except ValueError as exc:
         parser.error(str(exc))
     logger.info("site-phantoms: n=%d seed=%d out=%s %s", args.n, args.seed, args.out, options)
