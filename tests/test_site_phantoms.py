@@ -120,7 +120,7 @@ def test_cli_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "cr_fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_without_switches_one_part_off_and_keeps_every_draw(tmp_path: Path) -> None:
+def test_without_switches_one_part_off_and_keeps_every_draw() -> None:
     """`--without`: same patients, labels and nuisance draws; only the named part changes."""
     plain = site_phantoms.draw_cohort(12, 3, site_phantoms.SiteOptions(size=128))[0]
     without = site_phantoms.draw_cohort(

@@ -35,7 +35,7 @@ patient-level splits), so `osteo-train evaluate --manifest DIR/manifest.csv --sp
 `osteo-train train` read it as they read the default chain's.
 
     osteo-train site-phantoms --n 400 --seed 0 --out runs/site
-    osteo-train site-phantoms --n 400 --seed 0 --out runs/site-flat --without portrait  # WITHOUT
+    osteo-train site-phantoms --n 400 --seed 0 --out runs/site-square --without portrait  # see WITHOUT
     python -c "from training.site_phantoms import generate_site; generate_site('runs/site', 400, 0)"
 """
 
@@ -86,7 +86,7 @@ WITHOUT: dict[str, str] = {
     "scatter": "no scatter (scatter-to-primary 0)",
     "noise": "no quantum noise",
     "spectrum": "a single 65 keV energy instead of the polychromatic spectrum",
-    "cone": "parallel rays (a source 1 km away) instead of the divergent beam",
+    "cone": "parallel rays (a source 1 km away, so no magnification) instead of the divergent beam",
     "pose": "no yaw, pitch or roll",
     "body": "no fat shell and no breasts",
     "collimation": "no collimation borders",
