@@ -59,6 +59,11 @@ def matched_aucs(t_a: np.ndarray, low_bmd: np.ndarray, scores: np.ndarray, t_b: 
     return np.array(aucs)
 
 
+def population(t: np.ndarray) -> str:
+    """n, spread and share near the normal / osteopenia boundary of a cohort's T-scores."""
+    return f"n = {len(t)}, T-score SD {t.std():.2f}, {np.mean(np.abs(t + 1.0) < 0.5):.0%} within 0.5 of -1.0"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 3:
@@ -75,10 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     low_bmd, scores = labels >= 1, metrics.low_bmd_score(probs)
     aucs = matched_aucs(t_a, low_bmd, scores, t_b)
     low, mid, high = np.percentile(aucs, [2.5, 50, 97.5])
-    print(f"A: low-BMD AUC {metrics.rank_auc(low_bmd, scores):.3f} (n = {len(t_a)}, T-score SD {t_a.std():.2f}, "
-          f"{np.mean(np.abs(t_a + 1.0) < 0.5):.0%} within 0.5 of -1.0)")
-    print(f"B's population: n = {len(t_b)}, T-score SD {t_b.std():.2f}, {np.mean(np.abs(t_b + 1.0) < 0.5):.0%} "
-          "within 0.5 of -1.0")
+    print(f"A: low-BMD AUC {metrics.rank_auc(low_bmd, scores):.3f} ({population(t_a)})")
+    print(f"B's population: {population(t_b)}")
     print(f"A resampled to B's T-scores: low-BMD AUC {mid:.3f} [{low:.3f}, {high:.3f}] (1000 resamples)")
     return 0
 
